@@ -1,0 +1,123 @@
+"""The one settings object, read from environment variables.
+
+Every function, the CLI and the local runner read the same variables, so a
+deployment's ConfigMap and a developer's shell mean the same thing. A bad value
+must stop the process at start with one line naming the variable: a function
+that boots with a wrong topic name would accept events and put them somewhere
+nobody reads.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Annotated, Any
+from urllib.parse import quote, unquote, urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TopicName = Annotated[str, Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+class SettingsError(SystemExit):
+    """Raised (and exits the process) when a variable holds an unusable value."""
+
+
+class Settings(BaseSettings):
+    """Field names upper-cased are the environment variable names."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", frozen=True, env_ignore_empty=True
+    )
+
+    # Kafka. None means "not configured": development and tests then start a local broker.
+    kafka_bootstrap_servers: str | None = None
+    kafka_events_topic: TopicName = "openg2p.audit.events"
+    kafka_dlq_topic: TopicName = "openg2p.audit.dlq"
+    kafka_topic_partitions: int = Field(12, ge=1, le=1000)
+    kafka_consumer_group: str = Field("openg2p-audit-consumer", min_length=1)
+
+    # PostgreSQL: one URL, or the OpenG2P DB_* convention. Neither means "not configured".
+    database_url: str | None = None
+    db_host: str | None = None
+    db_port: int = Field(5432, ge=1, le=65535)
+    db_name: str = "openg2p_audit"
+    db_user: str = "postgres"
+    db_password: str = ""
+
+    # Partition upkeep.
+    partitions_ahead_months: int = Field(3, ge=1, le=120)
+    retention_months: int = Field(84, ge=0, le=1200)
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {server.strip()!r}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise ValueError("expected postgresql://user:password@host:port/database")
+        return value
+
+    @property
+    def kafka_configured(self) -> bool:
+        return self.kafka_bootstrap_servers is not None
+
+    @property
+    def database_configured(self) -> bool:
+        return self.database_url is not None or self.db_host is not None
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        if self.kafka_bootstrap_servers is None:
+            raise SettingsError("KAFKA_BOOTSTRAP_SERVERS is not set: point it at the Kafka brokers")
+        return [s.strip() for s in self.kafka_bootstrap_servers.split(",")]
+
+    @cached_property
+    def pg_connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for pg8000.connect()."""
+        if self.database_url is not None:
+            parts = urlsplit(self.database_url)
+            return {
+                "host": parts.hostname,
+                "port": parts.port or 5432,
+                "database": unquote(parts.path.lstrip("/")) or "postgres",
+                "user": unquote(parts.username or "postgres"),
+                "password": unquote(parts.password or "") or None,
+            }
+        if self.db_host is not None:
+            return {
+                "host": self.db_host,
+                "port": self.db_port,
+                "database": self.db_name,
+                "user": self.db_user,
+                "password": self.db_password or None,
+            }
+        raise SettingsError("DATABASE_URL (or DB_HOST and friends) is not set")
+
+    @property
+    def database_dsn(self) -> str:
+        """A password-free URL, fit for logs."""
+        kw = self.pg_connect_kwargs
+        return f"postgresql://{quote(kw['user'])}@{kw['host']}:{kw['port']}/{kw['database']}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment; on a bad value exit with one line naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]).upper() if err["loc"] else "settings"
+        raise SettingsError(f"invalid setting {name}={err.get('input')!r}: {err['msg']}") from None
