@@ -1,0 +1,235 @@
+"""The audit event contract: a CloudEvents 1.0 envelope around an audit record.
+
+This is the one event model. Ingest validates against it before anything
+reaches Kafka; the writer validates again because records can reach the topic
+without passing ingest (legacy producers, replays, hand-written records), and
+an event that cannot be stored must go to the dead-letter topic rather than
+block its partition.
+
+The shape follows what OpenG2P emitters send today: who (`actor`) did what
+(`action`) to what (`resource`), and how it ended (`outcome`). Anything else
+an emitter adds is kept, because an auditor may need it years later.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+_JSON_MEDIA = re.compile(r"^application/(?:[\w.+-]+\+)?json\s*(?:;.*)?$", re.IGNORECASE)
+
+# Envelope attributes the contract defines; anything else is an extension.
+CONTEXT_ATTRIBUTES = frozenset(
+    {"specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema"}
+)
+
+
+class ActorType(StrEnum):
+    user = "user"
+    system = "system"
+    service = "service"
+    anonymous = "anonymous"
+
+
+class Outcome(StrEnum):
+    success = "success"
+    failure = "failure"
+    denied = "denied"
+
+
+class Actor(BaseModel):
+    """Who acted. Extra attributes (department, office, ...) are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: ActorType = ActorType.user
+    id: NonEmpty
+    name: str | None = None
+    roles: list[str] | None = None
+    ip: str | None = None
+    session_id: str | None = None
+
+
+class Resource(BaseModel):
+    """What was acted upon. Extra attributes (amount, currency, program_id, ...) are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: NonEmpty
+    id: str | None = None
+
+
+class AuditData(BaseModel):
+    """The CloudEvent's `data`: the audit record itself."""
+
+    model_config = ConfigDict(extra="allow")
+
+    actor: Actor
+    action: NonEmpty
+    outcome: Outcome
+    resource: Resource | None = None
+    reason: str | None = None
+    changes: list[Any] | None = None
+    context: dict[str, Any] | None = None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class AuditEvent(BaseModel):
+    """A CloudEvents 1.0 audit event. Unknown envelope attributes are extensions and are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    specversion: Literal["1.0"]
+    id: NonEmpty
+    source: NonEmpty
+    type: NonEmpty
+    subject: str | None = None
+    time: datetime = Field(default_factory=utcnow, description="RFC 3339; defaults to now")
+    datacontenttype: str = "application/json"
+    dataschema: str | None = None
+    traceparent: str | None = Field(None, description="W3C trace context")
+    data: AuditData
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not _RFC3339.match(value):
+                raise ValueError("must be an RFC 3339 timestamp, e.g. 2026-04-01T12:00:00Z")
+            return value
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise ValueError("must carry a time zone offset")
+            return value
+        raise ValueError("must be an RFC 3339 timestamp string")
+
+    @field_validator("time")
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+    @field_validator("datacontenttype")
+    @classmethod
+    def _json_only(cls, value: str) -> str:
+        if not _JSON_MEDIA.match(value):
+            raise ValueError("data must be JSON (application/json)")
+        return value
+
+    @field_validator("traceparent")
+    @classmethod
+    def _w3c(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        m = _TRACEPARENT.match(value)
+        if not m or m.group(1) == "ff" or set(m.group(2)) == {"0"} or set(m.group(3)) == {"0"}:
+            raise ValueError("must be a W3C traceparent: 00-<32 hex trace id>-<16 hex>-<2 hex>")
+        return value
+
+    @model_validator(mode="after")
+    def _extensions(self) -> AuditEvent:
+        for name, value in (self.__pydantic_extra__ or {}).items():
+            if name in ("data_base64",):
+                raise ValueError("data must be JSON, not data_base64")
+            if not _EXTENSION_NAME.match(name):
+                raise ValueError(f"extension attribute name {name!r} must be lowercase a-z0-9")
+            if value is not None and not isinstance(value, str | int | bool):
+                raise ValueError(f"extension attribute {name!r} must be a string, int or bool")
+        return self
+
+    @property
+    def trace_id(self) -> str | None:
+        return self.traceparent.split("-")[1] if self.traceparent else None
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        return dict(self.__pydantic_extra__ or {})
+
+    @property
+    def partition_key(self) -> str:
+        """Kafka key: one entity's events share a partition, so they stay in order."""
+        return self.subject or self.data.actor.id
+
+    @property
+    def time_rfc3339(self) -> str:
+        return self.time.isoformat().replace("+00:00", "Z")
+
+    def data_json(self) -> dict[str, Any]:
+        """`data` as it travels on the wire (defaults filled in, nulls dropped)."""
+        return self.data.model_dump(mode="json", exclude_none=True)
+
+    def attributes(self) -> dict[str, Any]:
+        """Every envelope attribute except data, with its wire value."""
+        attrs: dict[str, Any] = {
+            "specversion": self.specversion,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time_rfc3339,
+            "datacontenttype": self.datacontenttype,
+        }
+        for name in ("subject", "dataschema", "traceparent"):
+            value = getattr(self, name)
+            if value is not None:
+                attrs[name] = value
+        attrs.update({k: v for k, v in self.extensions.items() if v is not None})
+        return attrs
+
+
+def find_nul(value: Any, path: str = "") -> str | None:
+    """Path of the first string (or key) holding U+0000, which PostgreSQL cannot store."""
+    if isinstance(value, str):
+        return path or "$" if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            here = f"{path}.{k}" if path else str(k)
+            if "\x00" in str(k):
+                return here
+            found = find_nul(v, here)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = find_nul(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def nesting_depth(value: Any) -> int:
+    """Depth of nested objects and arrays; a scalar is 0, `{}` is 1."""
+    depth, level = 0, [value]
+    while True:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            return depth
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+
+
+def json_schema() -> dict[str, Any]:
+    """The published contract, generated from the models."""
+    schema = AuditEvent.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://openg2p.org/schemas/audit-event/1.0"
+    return schema
