@@ -33,7 +33,8 @@ CRD_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "knative"
 # The Kubernetes release whose core schemas the ConfigMap and Secret must pass.
 KUBERNETES_VERSION = latest_version()
 
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1123_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS1123_SUBDOMAIN = re.compile(rf"^{_DNS1123_LABEL}(\.{_DNS1123_LABEL})*$")
 _CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 
 
