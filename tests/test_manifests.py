@@ -1,0 +1,440 @@
+"""The Knative manifests: valid for the cluster, and keeping the pipeline's promises.
+
+Each overlay is rendered with the real kustomize (kubectl's) and every object
+is validated strictly: against the Knative CRD schemas for Knative kinds (an
+undeclared field is an error, as `kubectl apply --validate=strict` reports it)
+and against the Kubernetes schemas for ConfigMap and Secret. Then the promises
+the rest of the system relies on are checked by name: topics, consumer group,
+dead-letter sink, retry policy, ordering, schedule, scaling per overlay, and a
+ConfigMap that the settings object accepts.
+"""
+
+from __future__ import annotations
+
+import ast
+import zoneinfo
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import yaml
+from pydantic import TypeAdapter
+
+from manifest_checks import KNATIVE, REPO, objects, one, render, validation_errors
+from openg2p_audit.settings import Settings, load_settings
+
+BASE = "base"
+QUIET = "overlays/quiet"
+PRODUCTION = "overlays/production"
+RENDERED = (BASE, QUIET, PRODUCTION)
+
+SERVING = "serving.knative.dev"
+SERVICES = {
+    # Knative Service -> (FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, FUNCTION_SOURCE)
+    "audit-ingest": ("ingest", "http", "functions/ingest/main.py"),
+    "audit-writer": ("write", "http", "functions/writer/main.py"),
+    "audit-maintenance": ("maintain", "cloudevent", "functions/maintenance/main.py"),
+}
+DB_USERS = ("audit-writer", "audit-maintenance")
+KAFKA_SINK_REF = {"apiVersion": "eventing.knative.dev/v1alpha1", "kind": "KafkaSink"}
+SERVICE_REF = {"apiVersion": "serving.knative.dev/v1", "kind": "Service"}
+
+# Settings that deliberately stay out of the ConfigMap.
+NOT_IN_CONFIGMAP = {
+    "DB_PASSWORD": "comes from the Secret audit-db",
+    "DATABASE_URL": "would carry the password; the DB_* variables are used instead",
+}
+
+KEDA = "autoscaling.eventing.knative.dev"
+KEDA_CLASS = "keda.autoscaling.knative.dev"
+ISO_DURATION = TypeAdapter(timedelta)
+
+
+def _annotations(service: dict) -> dict[str, str]:
+    return service["spec"]["template"]["metadata"]["annotations"]
+
+
+def _container(service: dict) -> dict:
+    containers = service["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, service["metadata"]["name"]
+    return containers[0]
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _settings_env() -> dict[str, str]:
+    return one(BASE, "ConfigMap", "audit-settings")["data"]
+
+
+# ---------------------------------------------------------------- validity
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_every_object_passes_strict_schema_validation(path):
+    rendered = render(path)
+    assert rendered
+    problems = {
+        f"{o['kind']}/{o['metadata']['name']}": errs
+        for o in rendered
+        if (errs := validation_errors(o))
+    }
+    assert problems == {}
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_every_object_is_of_a_kind_with_a_schema_here(path):
+    kinds = {(o["apiVersion"], o["kind"]) for o in render(path)}
+    assert kinds <= {
+        ("v1", "ConfigMap"),
+        ("v1", "Secret"),
+        ("serving.knative.dev/v1", "Service"),
+        ("sources.knative.dev/v1", "KafkaSource"),
+        ("sources.knative.dev/v1", "PingSource"),
+        ("eventing.knative.dev/v1alpha1", "KafkaSink"),
+        ("eventing.knative.dev/v1", "Broker"),
+        ("eventing.knative.dev/v1", "Trigger"),
+    }
+
+
+def test_validator_rejects_an_undeclared_field_anywhere():
+    source = objects(QUIET, "KafkaSource")[0]
+    source["spec"]["orderingg"] = "unordered"  # a typo kubectl --validate=strict reports
+    assert validation_errors(source) == [
+        "spec: Additional properties are not allowed ('orderingg' was unexpected)"
+    ]
+
+    service = objects(QUIET, "Service", SERVING)[0]
+    _container(service)["readinessProbe"]["httpGet"]["paht"] = "/readyz"
+    service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"] = 0
+    service["status"] = {"url": "http://x"}  # declared by the CRD: allowed
+    service["spec"]["bogus"] = True
+    errors = validation_errors(service)
+    assert any("'paht' was unexpected" in e for e in errors), errors
+    assert any("'bogus' was unexpected" in e for e in errors), errors
+    assert any("min-scale" in e and "not of type 'string'" in e for e in errors), errors
+    assert len(errors) == 3, errors
+
+
+def test_validator_rejects_undeclared_root_and_metadata_fields():
+    sink = objects(QUIET, "KafkaSink")[0]  # its CRD schema declares no root fields at all
+    assert validation_errors(sink) == []
+    sink["metadata"]["labelz"] = {"a": "b"}
+    sink["specification"] = {}
+    errors = validation_errors(sink)
+    assert "(root): Additional properties are not allowed ('specification' was unexpected)" in (
+        errors
+    )
+    assert "metadata: Additional properties are not allowed ('labelz' was unexpected)" in errors
+
+
+def test_validator_allows_what_the_crd_preserves_and_checks_what_it_declares():
+    trigger = objects(QUIET, "Trigger")[0]
+    trigger["spec"]["filter"] = {"attributes": {"type": "x", "anyattribute": "y"}}
+    assert validation_errors(trigger) == []  # attributes: x-kubernetes-preserve-unknown-fields
+    trigger["spec"]["filter"]["prefix"] = {"type": "x"}
+    assert validation_errors(trigger) == [
+        "spec.filter: Additional properties are not allowed ('prefix' was unexpected)"
+    ]
+
+
+def test_validator_checks_configmap_and_secret_like_the_api_server():
+    config = objects(QUIET, "ConfigMap")[0]
+    config["data"]["KAFKA_TOPIC_PARTITIONS"] = 12  # unquoted YAML number
+    config["data"]["not a key"] = "x"
+    config["metadata"]["name"] = "Audit_Settings"
+    errors = validation_errors(config)
+    assert "data.KAFKA_TOPIC_PARTITIONS: 12 is not a string" in errors
+    assert "data.not a key: not a valid key" in errors
+    assert "metadata.name: 'Audit_Settings' is not a DNS-1123 subdomain" in errors
+
+    secret = objects(QUIET, "Secret")[0]
+    secret["stringdata"] = secret.pop("stringData")
+    assert validation_errors(secret) == [
+        "(root): Additional properties are not allowed ('stringdata' was unexpected)"
+    ]
+
+
+# ---------------------------------------------------------------- layout
+
+
+def test_base_lists_exactly_the_files_beside_it():
+    """The local runner reads knative/base through its resource list."""
+    base = KNATIVE / "base"
+    listed = yaml.safe_load((base / "kustomization.yaml").read_text())["resources"]
+    present = sorted(p.name for p in base.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == present
+    assert set(present) == {
+        "configmap.yaml",
+        "secret.yaml",
+        "ingest.yaml",
+        "writer.yaml",
+        "maintenance.yaml",
+        "kafkasource.yaml",
+        "dlq-sink.yaml",
+        "pingsource.yaml",
+        "broker.yaml",
+        "trigger.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", (QUIET, PRODUCTION))
+def test_overlays_build_on_the_base_and_keep_every_object_but_the_secret(path):
+    assert yaml.safe_load((KNATIVE / path / "kustomization.yaml").read_text())["resources"] == [
+        "../../base"
+    ]
+    names = lambda p: {(o["kind"], o["metadata"]["name"]) for o in render(p)}  # noqa: E731
+    assert names(path) | {("Secret", "audit-db")} == names(BASE)
+
+
+# ---------------------------------------------------------------- services
+
+
+@pytest.mark.parametrize("path", RENDERED)
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_service_runs_its_function_with_settings_and_probes(path, name):
+    service = one(path, "Service", name, SERVING)
+    container = _container(service)
+    env = _env(container)
+    target, signature, source = SERVICES[name]
+    assert env["FUNCTION_TARGET"] == {"name": "FUNCTION_TARGET", "value": target}
+    assert env["FUNCTION_SIGNATURE_TYPE"]["value"] == signature
+    assert env["FUNCTION_SOURCE"]["value"] == source
+    assert container["envFrom"] == [{"configMapRef": {"name": "audit-settings"}}]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    requests = container["resources"]["requests"]
+    assert set(requests) >= {"cpu", "memory"}
+    assert "memory" in container["resources"]["limits"]
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_function_source_defines_the_target(name):
+    target, _, source = SERVICES[name]
+    tree = ast.parse((REPO / source).read_text())
+    defined = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        for alias in node.names
+    } | {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    assert target in defined
+
+
+@pytest.mark.parametrize("path", RENDERED)
+@pytest.mark.parametrize("name", DB_USERS)
+def test_database_password_comes_from_the_secret(path, name):
+    env = _env(_container(one(path, "Service", name, SERVING)))
+    assert env["DB_PASSWORD"] == {
+        "name": "DB_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "audit-db", "key": "DB_PASSWORD"}},
+    }
+    secret = one(BASE, "Secret", "audit-db")
+    assert "DB_PASSWORD" in secret["stringData"]
+
+
+def test_only_database_users_get_the_password():
+    env = _env(_container(one(BASE, "Service", "audit-ingest", SERVING)))
+    assert "DB_PASSWORD" not in env
+
+
+@pytest.mark.parametrize("path", RENDERED)
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_server_threads_exceed_the_concurrency_limit(path, name):
+    """A request slot for every admitted request, plus room for probes and /metrics.
+
+    functions-framework runs gunicorn with THREADS threads (default: 4 per CPU
+    of the node, not of the pod). Fewer threads than containerConcurrency
+    would queue admitted requests inside the pod and starve the liveness probe.
+    """
+    service = one(path, "Service", name, SERVING)
+    threads = int(_env(_container(service))["THREADS"]["value"])
+    assert threads > service["spec"]["template"]["spec"]["containerConcurrency"]
+
+
+def test_writer_takes_many_deliveries_at_once_for_group_commit():
+    writer = one(BASE, "Service", "audit-writer", SERVING)
+    concurrency = writer["spec"]["template"]["spec"]["containerConcurrency"]
+    target = int(_annotations(writer)["autoscaling.knative.dev/target"])
+    assert concurrency >= 50
+    # Scale out only once an instance is mostly busy, so batches stay large.
+    assert concurrency * 0.5 <= target < concurrency
+
+
+def test_maintenance_runs_one_at_a_time():
+    maintenance = one(BASE, "Service", "audit-maintenance", SERVING)
+    assert maintenance["spec"]["template"]["spec"]["containerConcurrency"] == 1
+    assert _annotations(maintenance)["autoscaling.knative.dev/max-scale"] == "1"
+
+
+@pytest.mark.parametrize("path", RENDERED)
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_scale_bounds_are_sensible(path, name):
+    notes = _annotations(one(path, "Service", name, SERVING))
+    low = int(notes["autoscaling.knative.dev/min-scale"])
+    high = int(notes["autoscaling.knative.dev/max-scale"])
+    assert 0 <= low <= high <= 20
+    assert high >= 1
+
+
+@pytest.mark.parametrize("path", (BASE, QUIET))
+def test_quiet_scales_everything_to_zero(path):
+    services = objects(path, "Service", SERVING)
+    assert {s["metadata"]["name"] for s in services} == set(SERVICES)
+    for service in services:
+        assert _annotations(service)["autoscaling.knative.dev/min-scale"] == "0"
+    annotations = [key for o in render(path) for key in o["metadata"].get("annotations", {})]
+    assert not any(KEDA in key for key in annotations)
+
+
+def test_production_keeps_ingest_warm():
+    notes = _annotations(one(PRODUCTION, "Service", "audit-ingest", SERVING))
+    assert int(notes["autoscaling.knative.dev/min-scale"]) >= 1
+
+
+def test_production_does_not_deploy_the_placeholder_secret():
+    assert objects(PRODUCTION, "Secret") == []
+    assert one(QUIET, "Secret", "audit-db")["stringData"]["DB_PASSWORD"]
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_configmap_holds_every_setting_and_nothing_else():
+    fields = {name.upper() for name in Settings.model_fields}
+    data = _settings_env()
+    assert set(data) == fields - set(NOT_IN_CONFIGMAP)
+
+
+def test_configmap_and_secret_are_valid_settings(monkeypatch):
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    for key, value in _settings_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DB_PASSWORD", one(BASE, "Secret", "audit-db")["stringData"]["DB_PASSWORD"])
+    settings = load_settings()
+    assert settings.kafka_configured and settings.database_configured
+    assert settings.kafka_events_topic == "openg2p.audit.events"
+    assert settings.kafka_dlq_topic == "openg2p.audit.dlq"
+    assert settings.kafka_consumer_group == "openg2p-audit-consumer"
+    assert settings.pg_connect_kwargs["password"] == "change-me"
+
+
+# ---------------------------------------------------------------- eventing
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_kafkasource_reads_the_events_topic_from_the_start(path):
+    spec = one(path, "KafkaSource", "audit-events-to-writer")["spec"]
+    data = _settings_env()
+    assert spec["consumerGroup"] == "openg2p-audit-consumer" == data["KAFKA_CONSUMER_GROUP"]
+    assert spec["topics"] == ["openg2p.audit.events"] == [data["KAFKA_EVENTS_TOPIC"]]
+    assert spec["bootstrapServers"] == data["KAFKA_BOOTSTRAP_SERVERS"].split(",")
+    assert spec["initialOffset"] == "earliest"
+    assert spec["sink"] == {"ref": {**SERVICE_REF, "name": "audit-writer"}}
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_kafkasource_ordering_is_explicit(path):
+    # unordered: see docs/deployment.md ("Why unordered delivery").
+    assert one(path, "KafkaSource", "audit-events-to-writer")["spec"]["ordering"] == "unordered"
+
+
+@pytest.mark.parametrize(
+    "kind,name", [("KafkaSource", "audit-events-to-writer"), ("Trigger", "audit-to-ingest")]
+)
+def test_failed_deliveries_retry_with_backoff_then_go_to_the_dlq(kind, name):
+    delivery = one(BASE, kind, name)["spec"]["delivery"]
+    assert delivery["backoffPolicy"] == "exponential"
+    first = ISO_DURATION.validate_python(delivery["backoffDelay"])
+    assert timedelta(milliseconds=50) <= first <= timedelta(seconds=5)
+    assert isinstance(delivery["retry"], int) and delivery["retry"] >= 3
+    # Exponential: delay * 2^n after the n-th failure. Outlast a database failover.
+    total = sum((first * 2**n for n in range(1, delivery["retry"] + 1)), timedelta())
+    assert timedelta(minutes=5) <= total <= timedelta(hours=1)
+    assert delivery["deadLetterSink"] == {"ref": {**KAFKA_SINK_REF, "name": "audit-dlq"}}
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_dead_letter_sink_writes_the_dlq_topic(path):
+    sink = one(path, "KafkaSink", "audit-dlq")
+    data = _settings_env()
+    assert sink["spec"]["topic"] == "openg2p.audit.dlq" == data["KAFKA_DLQ_TOPIC"]
+    assert sink["spec"]["bootstrapServers"] == data["KAFKA_BOOTSTRAP_SERVERS"].split(",")
+    assert sink["spec"]["contentMode"] == "binary"
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_pingsource_fires_maintenance_hourly_in_utc(path):
+    spec = one(path, "PingSource", "audit-maintenance-hourly")["spec"]
+    minute, *rest = spec["schedule"].split()
+    assert rest == ["*", "*", "*", "*"] and 0 <= int(minute) <= 59
+    zone = zoneinfo.ZoneInfo(spec["timezone"])
+    for month in (1, 7):  # no daylight-saving offset either
+        assert datetime(2026, month, 1, tzinfo=zone).utcoffset() == timedelta(0)
+    assert datetime(2026, 1, 1, tzinfo=zone).astimezone(UTC).hour == 0
+    assert spec["sink"] == {"ref": {**SERVICE_REF, "name": "audit-maintenance"}}
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_broker_is_durable_and_its_trigger_feeds_ingest_unfiltered(path):
+    broker = one(path, "Broker", "audit")
+    assert broker["metadata"]["annotations"]["eventing.knative.dev/broker.class"] == "Kafka"
+    spec = one(path, "Trigger", "audit-to-ingest")["spec"]
+    assert spec["broker"] == "audit"
+    assert spec["subscriber"] == {"ref": {**SERVICE_REF, "name": "audit-ingest"}}
+    assert "filter" not in spec and "filters" not in spec
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_every_reference_resolves_within_the_rendered_objects(path):
+    present = {(o["kind"], o["metadata"]["name"]) for o in render(path)}
+    wanted: set[tuple[str, str]] = set()
+    for obj in render(path):
+        spec = obj.get("spec", {})
+        for holder in (spec, spec.get("delivery", {})):
+            for field in ("sink", "subscriber", "deadLetterSink"):
+                if ref := holder.get(field, {}).get("ref"):
+                    wanted.add((ref["kind"], ref["name"]))
+        if obj["kind"] == "Trigger":
+            wanted.add(("Broker", spec["broker"]))
+        if obj["kind"] == "Service":
+            container = _container(obj)
+            for source in container.get("envFrom", []):
+                wanted.add(("ConfigMap", source["configMapRef"]["name"]))
+            for var in container.get("env", []):
+                if ref := var.get("valueFrom", {}).get("secretKeyRef"):
+                    wanted.add(("Secret", ref["name"]))
+    missing = wanted - present
+    if path == PRODUCTION:
+        assert missing == {("Secret", "audit-db")}  # created out of band, by design
+    else:
+        assert missing == set()
+
+
+# ---------------------------------------------------------------- autoscaling
+
+
+def test_production_kafkasource_scales_on_consumer_lag_with_keda():
+    notes = one(PRODUCTION, "KafkaSource", "audit-events-to-writer")["metadata"]["annotations"]
+    assert notes[f"{KEDA}/class"] == KEDA_CLASS
+    low, high = int(notes[f"{KEDA}/min-scale"]), int(notes[f"{KEDA}/max-scale"])
+    partitions = int(_settings_env()["KAFKA_TOPIC_PARTITIONS"])
+    # Consumers, not pods: one past the partition count would sit idle.
+    assert 1 <= low <= high <= partitions
+    assert int(notes[f"{KEDA}/lag-threshold"]) > 0
+    assert int(notes[f"{KEDA}/activation-lag-threshold"]) >= 0
+    assert int(notes[f"{KEDA}/polling-interval"]) > 0
+    assert int(notes[f"{KEDA}/cooldown-period"]) > 0
+    known = {
+        "class",
+        "min-scale",
+        "max-scale",
+        "polling-interval",
+        "cooldown-period",
+        "lag-threshold",
+        "activation-lag-threshold",
+    }
+    assert {key.split("/", 1)[1] for key in notes if key.startswith(f"{KEDA}/")} <= known
