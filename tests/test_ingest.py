@@ -11,6 +11,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cloudevents.conversion import to_binary, to_structured
@@ -215,6 +216,21 @@ def test_structured_time_with_an_offset_is_stored_in_utc(fn, landed):
     stored = headers_of(landed()[e["id"]])["ce_time"]
     assert stored.endswith("Z")
     assert datetime.fromisoformat(stored.replace("Z", "+00:00")) == local
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[1] / "docs" / "examples").glob("*.json")),
+    ids=lambda p: p.stem,
+)
+def test_published_examples_are_accepted(path, fn, landed):
+    e = json.loads(path.read_text())
+    e["time"] = now_z()  # inside the accepted window whenever the suite runs
+    reply = request(fn.url, "/", e, STRUCTURED)
+    assert reply.status == 202, reply.body
+    record = landed()[e["id"]]
+    assert record.key == (e.get("subject") or e["data"]["actor"]["id"]).encode()
+    assert json.loads(record.value)["action"] == e["data"]["action"]
 
 
 # -- the audit manager's paths -----------------------------------------------
