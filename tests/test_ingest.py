@@ -35,6 +35,7 @@ LIMITS = {
     "ingest_max_depth": 8,
     "ingest_max_clock_skew_seconds": 300,
     "retention_months": 12,
+    "log_level": "DEBUG",  # one line per accepted request, to check its trace id
 }
 
 
@@ -467,6 +468,6 @@ def test_logs_are_json_and_carry_the_trace_id(fn):
     assert refused.status == 400
     lines = [json.loads(line) for line in fn.log_text().splitlines() if line.startswith("{")]
     accepted = [x for x in lines if e["id"] in x.get("event_ids", [])]
-    assert accepted and accepted[0]["trace_id"] == TRACE_ID and accepted[0]["level"] == "info"
+    assert accepted and accepted[0]["trace_id"] == TRACE_ID and accepted[0]["level"] == "debug"
     rejected = [x for x in lines if x.get("reasons") == ["invalid_json"]]
     assert rejected and rejected[-1]["trace_id"] == TRACE_ID
