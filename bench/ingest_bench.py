@@ -133,10 +133,32 @@ def _client(port, client, batch, connections, start_at, stop_at, out):
                 del states[s]
             else:
                 send(s, st)
-    out.put((latencies, statuses))
+    t = os.times()
+    out.put((latencies, statuses, t.user + t.system))
 
 
-def run_phase(port, batch, clients, connections, seconds, warmup=2.0):
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time used so far by these processes and their children (Linux /proc)."""
+    total = 0.0
+    tck = os.sysconf("SC_CLK_TCK")
+    seen = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tck
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            todo.extend(int(c) for c in children)
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return total
+
+
+def run_phase(port, batch, clients, connections, seconds, watch, warmup=2.0):
     ctx = mp.get_context("fork")
     out = ctx.Queue()
     start_at = time.time() + 0.5
@@ -160,13 +182,17 @@ def run_phase(port, batch, clients, connections, seconds, warmup=2.0):
     ]
     for p in procs:
         p.start()
+    cpu_before = {name: cpu_seconds(pids) for name, pids in watch.items()}
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    client_cpu = 0.0
     for _ in procs:
-        lat, st = out.get()
+        lat, st, used = out.get()
+        client_cpu += used
         latencies.extend(lat)
         for k, v in st.items():
             statuses[k] = statuses.get(k, 0) + v
+    cpu_after = {name: cpu_seconds(pids) for name, pids in watch.items()}
     for p in procs:
         p.join()
     elapsed = time.time() - start_at
@@ -185,6 +211,11 @@ def run_phase(port, batch, clients, connections, seconds, warmup=2.0):
         "events_per_s": round(ok * batch / elapsed),
         "p50_ms": round(pct(0.50), 2),
         "p99_ms": round(pct(0.99), 2),
+        # Share of one core each part used during the phase.
+        "cpu": {
+            **{n: round((cpu_after[n] - cpu_before[n]) / elapsed, 2) for n in watch},
+            "clients": round(client_cpu / elapsed, 2),
+        },
     }
 
 
@@ -246,15 +277,20 @@ def main() -> int:
         f"INGEST_LINGER_MS={settings.ingest_linger_ms}; clients: {args.clients} processes",
         flush=True,
     )
+    watch = {"ingest": [fn.proc.pid]}
+    if kafka is not None:
+        watch["kafka"] = [kafka.proc.pid]
     results = []
     try:
         if args.only in (None, "single"):
-            r = run_phase(fn.port, 1, args.clients, args.connections, args.seconds)
+            r = run_phase(fn.port, 1, args.clients, args.connections, args.seconds, watch)
             r["connections"] = args.clients * args.connections
             results.append(r)
             print(f"single events: {json.dumps(r)}", flush=True)
         if args.only in (None, "batch"):
-            r = run_phase(fn.port, args.batch, args.clients, args.batch_connections, args.seconds)
+            r = run_phase(
+                fn.port, args.batch, args.clients, args.batch_connections, args.seconds, watch
+            )
             r["connections"] = args.clients * args.batch_connections
             results.append(r)
             print(f"batches of {args.batch}: {json.dumps(r)}", flush=True)

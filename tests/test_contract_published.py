@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from openg2p_audit.contract import AuditEvent, Limits, check_event, json_schema, months_before
+from openg2p_audit.contract import (
+    AuditEvent,
+    Limits,
+    check_event,
+    exceeds_depth,
+    json_schema,
+    months_before,
+    nesting_depth,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SCHEMA_FILE = DOCS / "audit-event.schema.json"
@@ -98,3 +106,11 @@ def test_check_event_names_every_problem():
     deep = {**raw, "data": {"x": [[[[{"y": 1}]]]]}}
     _, problems = check_event(deep, Limits(max_depth=4))
     assert [p.reason for p in problems] == ["depth"]
+
+
+@pytest.mark.parametrize(
+    "value", [{}, [], "x", 3, {"a": [{"b": 1}]}, [[[[]]]], {"a": {"b": {"c": {}}}}, [1, [2, [3]]]]
+)
+def test_exceeds_depth_agrees_with_nesting_depth(value):
+    for limit in range(6):
+        assert exceeds_depth(value, limit) == (nesting_depth(value) > limit)

@@ -234,17 +234,24 @@ def nesting_depth(value: Any) -> int:
 
 
 def exceeds_depth(value: Any, max_depth: int) -> bool:
-    """`nesting_depth(value) > max_depth`, stopping at the first level too deep."""
-    if isinstance(value, dict):
-        if max_depth == 0:
+    """`nesting_depth(value) > max_depth`, stopping at the first level too deep.
+
+    On the ingest hot path for every event, hence exact type checks (parsed
+    JSON only holds plain dicts and lists) and no generators.
+    """
+    kind = type(value)
+    if kind is dict:
+        children = value.values()
+    elif kind is list:
+        children = value
+    else:
+        return False
+    if max_depth == 0:
+        return True
+    for child in children:
+        kind = type(child)
+        if (kind is dict or kind is list) and exceeds_depth(child, max_depth - 1):
             return True
-        return any(
-            exceeds_depth(v, max_depth - 1) for v in value.values() if isinstance(v, dict | list)
-        )
-    if isinstance(value, list):
-        if max_depth == 0:
-            return True
-        return any(exceeds_depth(v, max_depth - 1) for v in value if isinstance(v, dict | list))
     return False
 
 
