@@ -242,9 +242,14 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32, help="per client process")
     ap.add_argument("--batch-connections", type=int, default=4, help="per client, batch phase")
     ap.add_argument("--seconds", type=float, default=15)
-    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--batch", type=int, nargs="+", default=[100, 500])
     ap.add_argument("--linger", type=int, default=None, help="INGEST_LINGER_MS")
     ap.add_argument("--only", choices=["single", "batch"])
+    ap.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also serve bench/baseline (validate, no Kafka) with the same settings and load",
+    )
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep-log", action="store_true", help="print the function's log path")
     args = ap.parse_args()
@@ -268,10 +273,10 @@ def main() -> int:
     )
     ensure_topics(settings)
     fn = LocalFunction(
-        "ingest", "ingest", settings, workdir, workers=args.workers, threads=args.threads,
-        env={"LOG_LEVEL": "WARNING"},
+        "ingest", "ingest", settings, workdir, workers=args.workers, threads=args.threads
     )  # fmt: skip
     fn.start()
+    results: list[dict] = []
     print(
         f"ingest: WORKERS={args.workers} THREADS={args.threads} "
         f"INGEST_LINGER_MS={settings.ingest_linger_ms}; clients: {args.clients} processes",
@@ -280,34 +285,48 @@ def main() -> int:
     watch = {"ingest": [fn.proc.pid]}
     if kafka is not None:
         watch["kafka"] = [kafka.proc.pid]
-    results = []
     try:
+        if args.baseline:
+            base_fn = LocalFunction(
+                "baseline", "baseline", settings, workdir, workers=args.workers,
+                threads=args.threads, source="bench/baseline/main.py",
+            ).start()  # fmt: skip
+            try:
+                r = run_phase(
+                    base_fn.port, 1, args.clients, args.connections, args.seconds,
+                    {"baseline": [base_fn.proc.pid]},
+                )  # fmt: skip
+            finally:
+                base_fn.stop()
+            r["connections"] = args.clients * args.connections
+            r["name"] = "baseline: validate only, no Kafka"
+            results.append(r)
+            print(f"baseline: {json.dumps(r)}", flush=True)
         if args.only in (None, "single"):
             r = run_phase(fn.port, 1, args.clients, args.connections, args.seconds, watch)
             r["connections"] = args.clients * args.connections
             results.append(r)
             print(f"single events: {json.dumps(r)}", flush=True)
-        if args.only in (None, "batch"):
-            r = run_phase(
-                fn.port, args.batch, args.clients, args.batch_connections, args.seconds, watch
-            )
+        for size in args.batch if args.only in (None, "batch") else []:
+            r = run_phase(fn.port, size, args.clients, args.batch_connections, args.seconds, watch)
             r["connections"] = args.clients * args.batch_connections
             results.append(r)
-            print(f"batches of {args.batch}: {json.dumps(r)}", flush=True)
+            print(f"batches of {size}: {json.dumps(r)}", flush=True)
     finally:
         fn.stop()
         if args.keep_log:
             print(f"function log: {fn.log_path}")
         if kafka is not None:
             kafka.stop()
-    print("\n| phase | connections | requests/s | events/s | p50 ms | p99 ms | non-202 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| phase | connections | requests/s | events/s | p50 ms | p99 ms | non-202 | CPU |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         bad = sum(v for k, v in r["statuses"].items() if k != 202)
-        name = "single event" if r["batch"] == 1 else f"batch of {r['batch']}"
+        name = r.get("name") or ("single event" if r["batch"] == 1 else f"batch of {r['batch']}")
         print(
             f"| {name} | {r['connections']} | {r['req_per_s']:,} | {r['events_per_s']:,} "
-            f"| {r['p50_ms']} | {r['p99_ms']} | {bad} |"
+            f"| {r['p50_ms']} | {r['p99_ms']} | {bad} "
+            f"| {', '.join(f'{k} {v}' for k, v in r['cpu'].items())} |"
         )
     return 0
 

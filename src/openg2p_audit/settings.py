@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     ingest_max_depth: int = Field(32, ge=2, le=200)
     ingest_max_clock_skew_seconds: int = Field(300, ge=0, le=7 * 24 * 3600)
     ingest_ack_timeout_ms: int = Field(1500, ge=50, le=60_000)
-    ingest_linger_ms: int = Field(2, ge=0, le=1000)
+    ingest_linger_ms: int = Field(5, ge=0, le=1000)
     ingest_max_pending_events: int = Field(50_000, ge=1, le=10_000_000)
     ingest_retry_after_seconds: int = Field(1, ge=1, le=3600)
 

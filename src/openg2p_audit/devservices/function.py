@@ -31,7 +31,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class LocalFunction:
-    """`functions-framework --source functions/<name>/main.py --target <target>` on 127.0.0.1."""
+    """`functions-framework --source functions/<name>/main.py --target <target>` on 127.0.0.1.
+
+    `source` (relative to the repository root) serves another file, e.g. a benchmark baseline.
+    """
 
     def __init__(
         self,
@@ -44,6 +47,7 @@ class LocalFunction:
         workers: int = 1,
         threads: int = 8,
         env: dict[str, str] | None = None,
+        source: str | None = None,
     ):
         self.name, self.target, self.signature_type = name, target, signature_type
         self.settings = settings
@@ -51,6 +55,7 @@ class LocalFunction:
         self.port = free_port()
         self.workers, self.threads = workers, threads
         self.extra_env = env or {}
+        self.source = source or f"functions/{name}/main.py"
         self.proc: subprocess.Popen | None = None
         self.log_path = self.workdir / f"{name}.log"
 
@@ -70,7 +75,7 @@ class LocalFunction:
         cli = Path(sys.executable).with_name("functions-framework")
         out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [str(cli), "--source", f"functions/{self.name}/main.py", "--target", self.target,
+            [str(cli), "--source", self.source, "--target", self.target,
              "--signature-type", self.signature_type, "--host", "127.0.0.1",
              "--port", str(self.port)],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
