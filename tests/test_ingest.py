@@ -471,3 +471,21 @@ def test_logs_are_json_and_carry_the_trace_id(fn):
     assert accepted and accepted[0]["trace_id"] == TRACE_ID and accepted[0]["level"] == "debug"
     rejected = [x for x in lines if x.get("reasons") == ["invalid_json"]]
     assert rejected and rejected[-1]["trace_id"] == TRACE_ID
+
+
+def test_metrics_add_up_over_several_workers(topics, tmp_path):
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    settings = topics.model_copy(update=LIMITS)
+    with LocalFunction(
+        "ingest", "ingest", settings, tmp_path, workers=2, threads=4,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(multiproc)},
+    ) as server:  # fmt: skip
+        for _ in range(12):
+            assert request(server.url, "/", event(), STRUCTURED).status == 202
+        assert request(server.url, "/", b"{", STRUCTURED).status == 400
+        for _ in range(3):  # whichever worker answers, the sums are the same
+            text = request(server.url, "/metrics", method="GET").body.decode()
+            assert metric(text, "audit_ingest_events_accepted_total") == 12
+            assert metric(text, "audit_ingest_events_rejected_total", reason="invalid_json") == 1
+    assert len(list(multiproc.glob("*.db"))) >= 2
