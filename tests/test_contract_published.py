@@ -114,3 +114,21 @@ def test_check_event_names_every_problem():
 def test_exceeds_depth_agrees_with_nesting_depth(value):
     for limit in range(6):
         assert exceeds_depth(value, limit) == (nesting_depth(value) > limit)
+
+
+def test_openapi_document_describes_the_ingest_surface():
+    import yaml
+
+    doc = yaml.safe_load((DOCS / "ingest.openapi.yaml").read_text())
+    assert doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) == {
+        "/",
+        "/v1/auditmanager/events",
+        "/v1/auditmanager/events/batch",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+    reasons = doc["components"]["responses"]["Refused"]["content"]["application/json"]["schema"]
+    enum = reasons["properties"]["problems"]["items"]["properties"]["reason"]["enum"]
+    assert "time_window" in enum and "too_large" in enum
