@@ -237,7 +237,7 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32, help="per client process")
     ap.add_argument("--batch-connections", type=int, default=4, help="per client, batch phase")
