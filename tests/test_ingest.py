@@ -167,6 +167,16 @@ def test_binary_mode_as_a_knative_broker_trigger_delivers_it(fn, landed):
     }
 
 
+def test_time_defaults_to_now(fn, landed):
+    before = datetime.now(UTC)
+    headers = {"ce-specversion": "1.0", "ce-id": "no-time-1", "ce-source": "/s", "ce-type": "t"}
+    reply = request(fn.url, "/", data(), {**headers, "Content-Type": "application/json"})
+    assert reply.status == 202, reply.body
+    stored = headers_of(landed()["no-time-1"])["ce_time"]
+    moment = datetime.fromisoformat(stored.replace("Z", "+00:00"))
+    assert before - timedelta(seconds=1) <= moment <= datetime.now(UTC)
+
+
 def test_structured_mode_from_the_cloudevents_sdk(fn, landed):
     ce = CloudEvent(
         {

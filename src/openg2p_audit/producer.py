@@ -152,6 +152,9 @@ class EventProducer:
             self._failed_at = time.monotonic()
             raise Unavailable("broker_unavailable", "Kafka metadata unavailable in time") from exc
         except KafkaError as exc:
+            # send() itself only fails like this when the producer is unusable (closed, or
+            # in a fatal idempotence state): replace it rather than fail every request.
+            self._discard(producer, exc)
             raise Unavailable("broker_error", f"Kafka refused the records: {exc}") from exc
         finally:
             unsent = n - len(futures)
@@ -168,6 +171,16 @@ class EventProducer:
                 ) from exc
             except KafkaError as exc:
                 raise Unavailable("broker_error", f"Kafka rejected a record: {exc}") from exc
+
+    def _discard(self, producer: KafkaProducer, exc: Exception) -> None:
+        with self._create_lock:
+            if self._producer is not producer:
+                return
+            self._producer = None
+        log.error("replacing the Kafka producer after: %s", exc)
+        threading.Thread(
+            target=producer.close, kwargs={"timeout": CLOSE_TIMEOUT_SECONDS}, daemon=True
+        ).start()
 
     def close(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> None:
         """Flush what is still in flight, then disconnect."""
