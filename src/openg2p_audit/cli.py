@@ -32,6 +32,15 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from .contract import json_schema
+
+    print(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
 def _cmd_dev_up(args: argparse.Namespace) -> int:
     from .devservices import local_services
     from .topics import ensure_topics
@@ -70,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     topics = sub.add_parser("topics", help="create or grow the events and DLQ topics")
     topics.set_defaults(func=_cmd_topics)
+
+    schema = sub.add_parser(
+        "schema", help="print the event contract's JSON Schema (docs/audit-event.schema.json)"
+    )
+    schema.set_defaults(func=_cmd_schema)
     return parser
 
 

@@ -14,7 +14,8 @@ an emitter adds is kept, because an auditor may need it years later.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -178,6 +180,10 @@ class AuditEvent(BaseModel):
         """`data` as it travels on the wire (defaults filled in, nulls dropped)."""
         return self.data.model_dump(mode="json", exclude_none=True)
 
+    def data_json_bytes(self) -> bytes:
+        """`data_json()` serialised, in one step (the ingest hot path)."""
+        return self.data.__pydantic_serializer__.to_json(self.data, exclude_none=True)
+
     def attributes(self) -> dict[str, Any]:
         """Every envelope attribute except data, with its wire value."""
         attrs: dict[str, Any] = {
@@ -227,9 +233,145 @@ def nesting_depth(value: Any) -> int:
         level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
 
 
+def exceeds_depth(value: Any, max_depth: int) -> bool:
+    """`nesting_depth(value) > max_depth`, stopping at the first level too deep.
+
+    On the ingest hot path for every event, hence exact type checks (parsed
+    JSON only holds plain dicts and lists) and no generators.
+    """
+    kind = type(value)
+    if kind is dict:
+        children = value.values()
+    elif kind is list:
+        children = value
+    else:
+        return False
+    if max_depth == 0:
+        return True
+    for child in children:
+        kind = type(child)
+        if (kind is dict or kind is list) and exceeds_depth(child, max_depth - 1):
+            return True
+    return False
+
+
 def json_schema() -> dict[str, Any]:
     """The published contract, generated from the models."""
     schema = AuditEvent.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://openg2p.org/schemas/audit-event/1.0"
     return schema
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with one event, phrased for the emitter's developer.
+
+    `reason` is a stable machine word (also the metrics label); `field` is the
+    dotted path inside the event when there is one.
+    """
+
+    reason: str
+    message: str
+    field: str | None = None
+    index: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.index is not None:
+            out["index"] = self.index
+        out["reason"] = self.reason
+        if self.field is not None:
+            out["field"] = self.field
+        out["message"] = self.message
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What an event may look like beyond its schema: the deployment chooses these."""
+
+    max_depth: int = 32
+    retention_months: int = 84
+    max_clock_skew_seconds: int = 300
+
+    def time_window(self, now: datetime | None = None) -> tuple[datetime | None, datetime]:
+        """[oldest, newest] accepted `time`; None when retention is off.
+
+        Older events would belong to monthly partitions that maintenance has
+        already dropped (or never creates); events from the future beyond the
+        skew would sit in partitions that do not exist yet.
+        """
+        now = now or utcnow()
+        upper = now + timedelta(seconds=self.max_clock_skew_seconds)
+        if self.retention_months == 0:
+            return None, upper
+        return months_before(now, self.retention_months), upper
+
+
+def months_before(moment: datetime, months: int) -> datetime:
+    """The same instant `months` calendar months earlier (day clamped to the month's end)."""
+    index = moment.year * 12 + moment.month - 1 - months
+    year, month = divmod(index, 12)
+    month += 1
+    next_first = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=moment.tzinfo)
+    last_day = (next_first - timedelta(days=1)).day
+    return moment.replace(year=year, month=month, day=min(moment.day, last_day))
+
+
+def _loc(loc: tuple[Any, ...]) -> str | None:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or None
+
+
+def schema_problems(exc: ValidationError, index: int | None = None) -> list[Problem]:
+    return [
+        Problem("schema", err["msg"], _loc(err["loc"]), index)
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def check_event(
+    raw: Any,
+    limits: Limits,
+    index: int | None = None,
+    *,
+    may_hold_nul: bool = True,
+    window: tuple[datetime | None, datetime] | None = None,
+) -> tuple[AuditEvent | None, list[Problem]]:
+    """Everything that must hold before an event may be stored, as a list of problems.
+
+    `may_hold_nul=False` lets a caller that has already scanned the raw bytes
+    skip the walk for U+0000; `window` lets a batch compute the time window once.
+    """
+    if not isinstance(raw, dict):
+        return None, [Problem("schema", "an event must be a JSON object", None, index)]
+    problems: list[Problem] = []
+    if exceeds_depth(raw, limits.max_depth):
+        depth = nesting_depth(raw)
+        message = f"nested {depth} levels deep; at most {limits.max_depth} are allowed"
+        # The schema walk of a value that deep adds nothing useful.
+        return None, [Problem("depth", message, None, index)]
+    if may_hold_nul:
+        where = find_nul(raw)
+        if where is not None:
+            problems.append(Problem("nul", "strings must not contain U+0000 (NUL)", where, index))
+    try:
+        event = AuditEvent.model_validate(raw)
+    except ValidationError as exc:
+        return None, problems + schema_problems(exc, index)
+    lower, upper = window or limits.time_window()
+    if (lower is not None and event.time < lower) or event.time > upper:
+        oldest = lower.isoformat().replace("+00:00", "Z") if lower else "any time"
+        problems.append(
+            Problem(
+                "time_window",
+                f"time {event.time_rfc3339} is outside the accepted window "
+                f"[{oldest}, {upper.isoformat().replace('+00:00', 'Z')}]",
+                "time",
+                index,
+            )
+        )
+    return (None if problems else event), problems

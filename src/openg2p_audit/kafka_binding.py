@@ -15,7 +15,6 @@ decoding uses the SDK.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +36,9 @@ def encode(event: AuditEvent) -> KafkaRecord:
     attrs = event.attributes()
     headers = [("content-type", attrs.pop("datacontenttype").encode())]
     headers.extend((f"ce_{name}", str(value).encode()) for name, value in attrs.items())
-    value = json.dumps(event.data_json(), separators=(",", ":"), ensure_ascii=False).encode()
-    return KafkaRecord(key=event.partition_key.encode(), value=value, headers=headers)
+    return KafkaRecord(
+        key=event.partition_key.encode(), value=event.data_json_bytes(), headers=headers
+    )
 
 
 def is_binary(headers: list[tuple[str, bytes]] | dict[str, bytes]) -> bool:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -49,5 +51,15 @@ def configure_logging(level: str | int = "INFO") -> None:
 
 
 def metrics_response() -> tuple[bytes, int, dict[str, str]]:
-    """A Flask-style (body, status, headers) answer for GET /metrics."""
+    """A Flask-style (body, status, headers) answer for GET /metrics.
+
+    With several gunicorn workers (WORKERS>1) each has its own counters and a
+    scrape reaches one of them at random; setting PROMETHEUS_MULTIPROC_DIR (an
+    empty folder, before the server starts) makes every answer the sum over
+    all workers.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
     return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}

@@ -49,6 +49,20 @@ class Settings(BaseSettings):
     partitions_ahead_months: int = Field(3, ge=1, le=120)
     retention_months: int = Field(84, ge=0, le=1200)
 
+    # Python logging level of the functions (DEBUG adds one line per accepted request).
+    log_level: str = Field("INFO", pattern=r"^(?i:DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+
+    # Ingest: what it refuses (4xx) and how long a caller may wait for Kafka (503).
+    ingest_max_event_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    ingest_max_batch_events: int = Field(500, ge=1, le=100_000)
+    ingest_max_batch_bytes: int = Field(5 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    ingest_max_depth: int = Field(32, ge=2, le=200)
+    ingest_max_clock_skew_seconds: int = Field(300, ge=0, le=7 * 24 * 3600)
+    ingest_ack_timeout_ms: int = Field(1500, ge=50, le=60_000)
+    ingest_linger_ms: int = Field(5, ge=0, le=1000)
+    ingest_max_pending_events: int = Field(50_000, ge=1, le=10_000_000)
+    ingest_retry_after_seconds: int = Field(1, ge=1, le=3600)
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _host_port_list(cls, value: str | None) -> str | None:

@@ -11,10 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..settings import Settings
+from .function import LocalFunction, settings_env
 from .kafka import LocalKafka, kafka_libs
 from .postgres import LocalPostgres
 
-__all__ = ["LocalKafka", "LocalPostgres", "kafka_libs", "local_services"]
+__all__ = [
+    "LocalFunction",
+    "LocalKafka",
+    "LocalPostgres",
+    "kafka_libs",
+    "local_services",
+    "settings_env",
+]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,400 @@
+"""The ingest function: CloudEvents over HTTP in, Kafka records out.
+
+Every OpenG2P service sends its audit events here, so the function is strict
+about input and never loses what it has accepted:
+
+- it answers 202 only once Kafka has acknowledged every event of the request
+  (see `producer`), and the 202 lists the accepted ids;
+- bad input gets a 4xx whose JSON body names each problem (with the event's
+  index in a batch) and nothing of that request is produced: a batch is all
+  or nothing;
+- when Kafka cannot take the events in time it answers 503 with Retry-After
+  within the ack timeout, never hanging and never dropping silently.
+
+It routes by path itself because one functions-framework target serves the
+CloudEvents endpoint (`/`, where a Knative Broker Trigger also delivers), the
+audit manager's legacy paths that existing emitters call, and the probes.
+
+The HTTP binding is read here rather than with `cloudevents.http.from_http`:
+that helper invents an `id` and a `time` when they are missing (the contract
+requires `id` in every CloudEvents mode) and reports all missing attributes
+as one opaque message, while each problem must be named to the emitter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import unquote
+
+import flask
+from prometheus_client import Counter, Histogram
+
+from .contract import AuditEvent, Limits, Problem, check_event
+from .kafka_binding import KafkaRecord, encode
+from .observability import configure_logging, metrics_response
+from .producer import Unavailable, producer_for
+from .settings import SettingsError, load_settings
+
+# Settings are read at import, i.e. when the server starts: a bad value or a
+# missing broker address stops the process with one line instead of failing
+# every request later.
+SETTINGS = load_settings()
+configure_logging(SETTINGS.log_level.upper())
+log = logging.getLogger("openg2p_audit.ingest")
+if not SETTINGS.kafka_configured:
+    raise SettingsError("KAFKA_BOOTSTRAP_SERVERS is not set: ingest needs the Kafka brokers")
+LIMITS = Limits(
+    max_depth=SETTINGS.ingest_max_depth,
+    retention_months=SETTINGS.retention_months,
+    max_clock_skew_seconds=SETTINGS.ingest_max_clock_skew_seconds,
+)
+
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+JSON_TYPES = frozenset({"application/json", STRUCTURED})
+
+ACCEPTED = Counter("audit_ingest_events_accepted", "Events acknowledged by Kafka and answered 202")
+REJECTED = Counter(
+    "audit_ingest_events_rejected",
+    "Events refused with a 4xx, by the reason of their first problem "
+    "(`batch`: a valid event refused with its batch)",
+    ["reason"],
+)
+UNAVAILABLE = Counter(
+    "audit_ingest_unavailable_responses", "Requests answered 503, by cause", ["cause"]
+)
+PRODUCE_LATENCY = Histogram(
+    "audit_ingest_produce_latency_seconds",
+    "From handing a request's records to the producer until Kafka acknowledged the last one",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0),
+)
+
+
+class Rejected(Exception):
+    """The request is refused as a whole; nothing of it is produced."""
+
+    def __init__(self, status: int, problems: list[Problem], events: int = 1):
+        super().__init__(problems[0].message)
+        self.status = status
+        self.problems = problems
+        self.events = events
+
+
+def _problem(reason: str, message: str, status: int = 400) -> Rejected:
+    return Rejected(status, [Problem(reason, message)])
+
+
+# -- reading the request -----------------------------------------------------
+
+
+def _body(request: flask.Request, limit: int, what: str) -> bytes:
+    """The body, refusing (413) before reading more than `limit` bytes."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise _problem("too_large", f"{what} is {declared} bytes; at most {limit} allowed", 413)
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = request.stream.read(min(65536, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise _problem("too_large", f"{what} is over {limit} bytes", 413)
+    return b"".join(chunks)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise _problem("invalid_json", f"body is not valid JSON: {exc}") from None
+
+
+def _header_value(value: str) -> str:
+    # WSGI hands header bytes over as latin-1; the binding percent-encodes the rest.
+    with contextlib.suppress(UnicodeError):
+        value = value.encode("latin-1").decode("utf-8")
+    return unquote(value) if "%" in value else value
+
+
+def _binary_attributes(request: flask.Request) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower.startswith("ce-"):
+            attrs[lower[3:]] = _header_value(value)
+    if request.content_type:
+        attrs["datacontenttype"] = request.content_type
+    return attrs
+
+
+def _is_binary(request: flask.Request) -> bool:
+    return any(name[:3].lower() == "ce-" for name in request.headers.keys())  # noqa: SIM118
+
+
+def _check_all(raws: list[Any], batch: bool, body: bytes | None = None) -> list[AuditEvent]:
+    """Validate every event, collecting every problem; `body` is the raw JSON they came from.
+
+    JSON can only carry U+0000 as the escape `\\u0000`, so a body without that
+    text spares the walk through every string.
+    """
+    may_hold_nul = body is None or b"\\u0000" in body
+    window = LIMITS.time_window()
+    problems: list[Problem] = []
+    events: list[AuditEvent] = []
+    for i, raw in enumerate(raws):
+        event, found = check_event(
+            raw, LIMITS, i if batch else None, may_hold_nul=may_hold_nul, window=window
+        )
+        if found:
+            problems.extend(found)
+        elif event is not None:
+            events.append(event)
+    if problems:
+        raise Rejected(400, problems, len(raws))
+    return events
+
+
+def _encode_all(events: list[AuditEvent], batch: bool) -> list[KafkaRecord]:
+    records = [encode(e) for e in events]
+    limit = SETTINGS.ingest_max_event_bytes
+    if batch:
+        problems = []
+        for i, r in enumerate(records):
+            size = len(r.key) + len(r.value) + sum(len(k) + len(v) for k, v in r.headers)
+            if size > limit:
+                problems.append(
+                    Problem("too_large", f"event is {size} bytes; at most {limit} allowed", None, i)
+                )
+        if problems:
+            raise Rejected(413, problems, len(records))
+    return records
+
+
+def _batch_list(value: Any, count_limit: int) -> list[Any]:
+    if not isinstance(value, list):
+        raise _problem("schema", "a batch must be a JSON array of events")
+    if len(value) > count_limit:
+        raise _problem(
+            "too_large", f"batch holds {len(value)} events; at most {count_limit} allowed", 413
+        )
+    if not value:
+        raise _problem("schema", "a batch must hold at least one event")
+    return value
+
+
+def _compat(raw: Any) -> Any:
+    """The audit manager's plain-JSON events: id and specversion may be left out."""
+    if isinstance(raw, dict):
+        if raw.get("id") is None:
+            raw["id"] = str(uuid.uuid4())
+        raw.setdefault("specversion", "1.0")
+    return raw
+
+
+def _json_media(mimetype: str) -> bool:
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
+
+
+def _cloudevents(request: flask.Request) -> tuple[list[AuditEvent], bool]:
+    # The media type names the mode; ce-* headers alone mean binary mode.
+    mimetype = request.mimetype
+    if mimetype == STRUCTURED:
+        body = _body(request, SETTINGS.ingest_max_event_bytes, "event")
+        return _check_all([_json(body)], batch=False, body=body), False
+    if mimetype == BATCH:
+        body = _body(request, SETTINGS.ingest_max_batch_bytes, "batch")
+        raws = _batch_list(_json(body), SETTINGS.ingest_max_batch_events)
+        return _check_all(raws, batch=True, body=body), True
+    if _is_binary(request):
+        if mimetype and not _json_media(mimetype):
+            raise _problem(
+                "unsupported_media_type",
+                f"binary-mode data must be JSON (application/json), not {mimetype}",
+                415,
+            )
+        body = _body(request, SETTINGS.ingest_max_event_bytes, "event")
+        attrs = _binary_attributes(request)
+        attrs["data"] = _json(body) if body else None
+        return _check_all([attrs], batch=False), False
+    raise _problem(
+        "unsupported_media_type",
+        f"content type {mimetype or '(none)'} is not a CloudEvent: use binary mode "
+        f"(ce-* headers with application/json), {STRUCTURED} or {BATCH}",
+        415,
+    )
+
+
+def _require_json(request: flask.Request) -> None:
+    if request.mimetype not in JSON_TYPES:
+        raise _problem(
+            "unsupported_media_type",
+            f"content type {request.mimetype or '(none)'} is not supported; send application/json",
+            415,
+        )
+
+
+def _legacy_event(request: flask.Request) -> tuple[list[AuditEvent], bool]:
+    _require_json(request)
+    body = _body(request, SETTINGS.ingest_max_event_bytes, "event")
+    return _check_all([_compat(_json(body))], batch=False, body=body), False
+
+
+def _legacy_batch(request: flask.Request) -> tuple[list[AuditEvent], bool]:
+    _require_json(request)
+    body = _body(request, SETTINGS.ingest_max_batch_bytes, "batch")
+    raw = _json(body)
+    if not isinstance(raw, dict) or "events" not in raw:
+        raise _problem("schema", 'body must be an object {"events": [...]}')
+    events = _batch_list(raw["events"], SETTINGS.ingest_max_batch_events)
+    return _check_all([_compat(e) for e in events], batch=True, body=body), True
+
+
+# -- answering ---------------------------------------------------------------
+
+
+def _json_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> flask.Response:
+    return flask.Response(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        status=status,
+        headers=headers,
+        mimetype="application/json",
+    )
+
+
+def _refusal(status: int, body: dict[str, Any]) -> flask.Response:
+    """A refusal that does not read the rest of the body.
+
+    functions-framework drains every request body after the view returns,
+    unless the response is streamed: an oversized upload must not be pulled
+    into memory just to be thrown away, so the connection is closed instead.
+    """
+
+    def once() -> Iterator[bytes]:
+        yield json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+    return flask.Response(
+        once(), status=status, mimetype="application/json", headers={"Connection": "close"}
+    )
+
+
+def _trace_id(events: list[AuditEvent], request: flask.Request) -> str | None:
+    for e in events:
+        if e.trace_id:
+            return e.trace_id
+    parts = (request.headers.get("traceparent") or "").split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+
+
+def _accept(request: flask.Request, reader: Callable[..., tuple[list[AuditEvent], bool]]):
+    try:
+        events, batch = reader(request)
+        records = _encode_all(events, batch)
+    except Rejected as exc:
+        return _rejected(request, exc)
+    started = time.monotonic()
+    try:
+        producer_for(SETTINGS).publish(records, started)
+    except Unavailable as exc:
+        UNAVAILABLE.labels(exc.cause).inc()
+        log.warning(
+            "answering 503: %s",
+            exc,
+            extra={
+                "cause": exc.cause,
+                "events": len(events),
+                "trace_id": _trace_id(events, request),
+            },
+        )
+        return _json_response(
+            503,
+            {"error": "unavailable", "cause": exc.cause, "message": str(exc)},
+            {"Retry-After": str(SETTINGS.ingest_retry_after_seconds)},
+        )
+    PRODUCE_LATENCY.observe(time.monotonic() - started)
+    ACCEPTED.inc(len(events))
+    ids = [e.id for e in events]
+    # One line per accepted request costs more than the rest of the request
+    # path; 202s are counted in metrics and the events themselves are on Kafka.
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "accepted %d event(s)",
+            len(ids),
+            extra={"event_ids": ids[:20], "trace_id": _trace_id(events, request)},
+        )
+    return _json_response(202, {"accepted": ids})
+
+
+def _rejected(request: flask.Request, exc: Rejected) -> flask.Response:
+    first_reason: dict[int | None, str] = {}
+    for p in exc.problems:
+        first_reason.setdefault(p.index, p.reason)
+    for reason in first_reason.values():
+        REJECTED.labels(reason).inc()
+    if exc.events > len(first_reason):
+        REJECTED.labels("batch").inc(exc.events - len(first_reason))
+    body = {
+        "error": "request too large" if exc.status == 413 else "invalid events",
+        "problems": [p.as_dict() for p in exc.problems],
+    }
+    if exc.status == 415:
+        body["error"] = "unsupported media type"
+    log.warning(
+        "rejected a request with %d problem(s)",
+        len(exc.problems),
+        extra={
+            "status": exc.status,
+            "path": request.path,
+            "reasons": sorted(set(first_reason.values())),
+            "trace_id": _trace_id([], request),
+        },
+    )
+    return _refusal(exc.status, body)
+
+
+def _healthz(_request: flask.Request) -> flask.Response:
+    return _json_response(200, {"status": "ok"})
+
+
+def _readyz(_request: flask.Request) -> flask.Response:
+    ok, detail = producer_for(SETTINGS).ready()
+    return _json_response(200 if ok else 503, {"ready": ok, "detail": detail})
+
+
+def _metrics(_request: flask.Request):
+    return metrics_response()
+
+
+_POST_ROUTES: dict[str, Callable[[flask.Request], tuple[list[AuditEvent], bool]]] = {
+    "/": _cloudevents,
+    "/v1/auditmanager/events": _legacy_event,
+    "/v1/auditmanager/events/batch": _legacy_batch,
+}
+_GET_ROUTES = {"/healthz": _healthz, "/readyz": _readyz, "/metrics": _metrics}
+
+
+def ingest(request: flask.Request):
+    """functions-framework HTTP target (`--target ingest`)."""
+    path = request.path.rstrip("/") or "/"
+    reader = _POST_ROUTES.get(path)
+    if reader is not None:
+        if request.method != "POST":
+            return _json_response(405, {"error": "method not allowed"}, {"Allow": "POST"})
+        return _accept(request, reader)
+    probe = _GET_ROUTES.get(path)
+    if probe is not None:
+        if request.method not in ("GET", "HEAD"):
+            return _json_response(405, {"error": "method not allowed"}, {"Allow": "GET"})
+        return probe(request)
+    return _json_response(404, {"error": f"no such path: {request.path}"})
