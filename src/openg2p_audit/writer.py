@@ -101,7 +101,8 @@ def _validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     ]
 
 
-def _validate(candidate: dict[str, Any]) -> AuditEvent:
+def validate_attributes(candidate: dict[str, Any]) -> AuditEvent:
+    """The event from CloudEvent attributes plus `data`; Rejection if it can never be stored."""
     if not candidate.get("time"):
         # Without a time the contract would default it to "now": each redelivery
         # would then get another primary key and another row.
@@ -124,7 +125,7 @@ def _validate(candidate: dict[str, Any]) -> AuditEvent:
         ) from None
 
 
-def _unwrap(attrs: dict[str, Any], data: Any) -> dict[str, Any]:
+def unwrap_structured(data: Any, origin: str | None = None) -> dict[str, Any]:
     """The structured CloudEvent a legacy producer put into a record without `ce_` headers."""
     if isinstance(data, bytes | bytearray | str):
         try:
@@ -137,7 +138,7 @@ def _unwrap(attrs: dict[str, Any], data: Any) -> dict[str, Any]:
             "not_a_cloudevent",
             "the Kafka record carries no CloudEvent: it has no ce_ headers and its value is "
             "not a structured CloudEvent (JSON with specversion, id, source, type, time, data)",
-            record=attrs.get("id"),
+            record=origin,
         )
     return data
 
@@ -156,7 +157,7 @@ def parse_delivery(headers: Any, body: bytes) -> AuditEvent:
     attrs = dict(ce.get_attributes())
     data = ce.get_data()
     if attrs.get("type") == WRAPPED_TYPE:
-        return _validate(_unwrap(attrs, data))
+        return validate_attributes(unwrap_structured(data, attrs.get("id")))
     if isinstance(data, bytes | bytearray | str) and data:
         raise Rejection(
             400, "data_not_json", "the event's data is not valid JSON", id=attrs.get("id")
@@ -173,7 +174,7 @@ def parse_delivery(headers: Any, body: bytes) -> AuditEvent:
         attrs.pop("time", None)  # the SDK filled in "now"
     attrs.pop("partitionkey", None)
     attrs["data"] = data
-    return _validate(attrs)
+    return validate_attributes(attrs)
 
 
 # --------------------------------------------------------------------------- group commit
