@@ -56,7 +56,7 @@ def test_replay_stores_a_topic_range_once(topics, pg):
         ],
     )
     rejected = []
-    summary = replay(topics, batch_size=64, on_reject=rejected.append)
+    summary = replay(topics, batch_size=64, workers=2, on_reject=rejected.append)
 
     assert summary.records == 300 + 50 + 3
     assert (summary.inserted, summary.duplicates, summary.rejected) == (301, 50, 2)

@@ -79,7 +79,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         summary = replay(
             settings, from_offset=args.from_offset, from_time=args.from_time,
             to_offset=args.to_offset, to_time=args.to_time, partitions=args.partition,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, workers=args.workers,
         )  # fmt: skip
     except ReplayError as exc:
         print(json.dumps({"error": str(exc), "resume_from": exc.resume}), file=sys.stderr)
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     end.add_argument("--to-time", type=_timestamp, metavar="ISO", help="stop before this time")
     rp.add_argument("--partition", type=int, action="append", help="only this partition (repeat)")
     rp.add_argument("--batch-size", type=int, help="records per transaction (REPLAY_BATCH_SIZE)")
+    rp.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the partitions (default 1)"
+    )
     rp.set_defaults(func=_cmd_replay)
     return parser
 

@@ -17,13 +17,15 @@ it first met them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from multiprocessing import get_context
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -45,8 +47,12 @@ class ReplayError(RuntimeError):
     """The replay stopped early; `resume` holds the offsets to restart from."""
 
     def __init__(self, message: str, resume: dict[int, int]):
-        super().__init__(message)
+        super().__init__(message, resume)  # both in args: it crosses process boundaries
+        self.message = message
         self.resume = resume
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -209,6 +215,18 @@ class _Inserter:
         return store.InsertResult(inserted, duplicates)
 
 
+def _consumer(settings: Settings, batch_size: int) -> KafkaConsumer:
+    return KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        max_poll_records=batch_size,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        request_timeout_ms=30000,
+    )
+
+
 def replay(
     settings: Settings,
     *,
@@ -218,60 +236,95 @@ def replay(
     to_time: datetime | None = None,
     partitions: list[int] | None = None,
     batch_size: int | None = None,
+    workers: int = 1,
     on_reject: Callable[[RejectedRecord], None] | None = None,
 ) -> ReplaySummary:
-    """Store every record of the range; return what happened. Raises ReplayError to resume."""
-    batch_size = batch_size or settings.replay_batch_size
-    summary = ReplaySummary()
-    lock = threading.Lock()
+    """Store every record of the range; return what happened. Raises ReplayError to resume.
 
-    def rejected(rec: RejectedRecord) -> None:
-        with lock:
-            summary.rejected += 1
+    With workers > 1 the partitions are shared out among that many processes:
+    decoding and validating is CPU work that one Python process does on one core.
+    """
+    batch_size = batch_size or settings.replay_batch_size
+    started = time.perf_counter()
+    consumer = _consumer(settings, batch_size)
+    try:
+        ranges = plan_ranges(
+            consumer, settings.kafka_events_topic, from_offset=from_offset, from_time=from_time,
+            to_offset=to_offset, to_time=to_time, partitions=partitions,
+        )  # fmt: skip
+    finally:
+        consumer.close()
+    busy = sorted((tp for tp, (start, end) in ranges.items() if start < end), key=lambda t: t[1])
+    groups = [busy[i::workers] for i in range(max(1, min(workers, len(busy))))]
+
+    if len(groups) <= 1:
+        summary, rejects, error = _replay_ranges(settings, ranges, batch_size)
+    else:
+        summary, rejects, error = ReplaySummary(), [], None
+        with ProcessPoolExecutor(len(groups), mp_context=get_context("spawn")) as pool:
+            parts = pool.map(
+                _replay_ranges,
+                [settings] * len(groups),
+                [{tp: ranges[tp] for tp in group} for group in groups],
+                [batch_size] * len(groups),
+            )
+            for part, part_rejects, part_error in parts:
+                for name in ("records", "inserted", "duplicates", "rejected", "batches"):
+                    setattr(summary, name, getattr(summary, name) + getattr(part, name))
+                rejects.extend(part_rejects)
+                if part_error is not None:
+                    error = error or part_error
+                    error.resume.update(part_error.resume)
+    summary.ranges = {tp.partition: r for tp, r in ranges.items()}
+    summary.seconds = time.perf_counter() - started
+    for rec in rejects:
         log.warning(
             "skipped record %d@%d: %s", rec.offset, rec.partition, rec.message,
             extra={"partition": rec.partition, "offset": rec.offset, "reason": rec.reason},
         )  # fmt: skip
         if on_reject is not None:
             on_reject(rec)
+    if error is not None:
+        raise error
+    return summary
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        max_poll_records=batch_size,
-        fetch_max_bytes=64 * 1024 * 1024,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-        request_timeout_ms=30000,
-    )
-    started = time.perf_counter()
+
+def _replay_ranges(
+    settings: Settings, ranges: dict[TopicPartition, tuple[int, int]], batch_size: int
+) -> tuple[ReplaySummary, list[RejectedRecord], ReplayError | None]:
+    """One process's share: read these ranges, store them. Errors are returned, not raised,
+    so that every process's progress is known."""
+    summary = ReplaySummary()
+    rejects: list[RejectedRecord] = []
+    lock = threading.Lock()
+
+    def rejected(rec: RejectedRecord) -> None:
+        with lock:
+            summary.rejected += 1
+            rejects.append(rec)
+
+    committed = {tp.partition: start for tp, (start, _) in ranges.items()}
+    todo = {tp: end for tp, (start, end) in ranges.items() if start < end}
+    if not todo:
+        return summary, rejects, None
+    consumer = _consumer(settings, batch_size)
     inserter: _Inserter | None = None
-    committed: dict[int, int] = {}
     try:
-        ranges = plan_ranges(
-            consumer, settings.kafka_events_topic, from_offset=from_offset, from_time=from_time,
-            to_offset=to_offset, to_time=to_time, partitions=partitions,
-        )  # fmt: skip
-        summary.ranges = {tp.partition: r for tp, r in ranges.items()}
-        committed = {tp.partition: start for tp, (start, _) in ranges.items()}
-        todo = {tp: end for tp, (start, end) in ranges.items() if start < end}
-        if not todo:
-            return summary
         consumer.assign(list(todo))
         for tp in todo:
             consumer.seek(tp, ranges[tp][0])
         inserter = _Inserter(settings, rejected, committed)
         _drain(consumer, todo, batch_size, inserter, summary, rejected, committed)
-        inserter.wait()
-        return summary
-    except ReplayError:
-        raise
-    except Exception as exc:
-        raise ReplayError(f"replay stopped: {exc}", committed) from exc
-    finally:
-        summary.seconds = time.perf_counter() - started
+        inserter.close()
+        inserter = None
+        return summary, rejects, None
+    except Exception as exc:  # noqa: BLE001 - handed back with the offsets to resume from
         if inserter is not None:
-            inserter.close()
+            with contextlib.suppress(Exception):
+                inserter.close()
+        message = str(exc) if isinstance(exc, ReplayError) else f"replay stopped: {exc}"
+        return summary, rejects, ReplayError(message, dict(committed))
+    finally:
         consumer.close()
 
 
