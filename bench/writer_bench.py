@@ -55,13 +55,17 @@ MONTH = datetime(2026, 4, 1, tzinfo=UTC)
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def _cpu_of(pid: int) -> float:
-    """CPU seconds (user + system) of a process."""
+def _cpu_of(pid: int, children: bool = True) -> float:
+    """CPU seconds (user + system) of a process, plus those of its exited, reaped children
+    (database backends that closed, replay processes that finished)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+    used = int(fields[11]) + int(fields[12])
+    if children:
+        used += int(fields[13]) + int(fields[14])
+    return used / TICK
 
 
 def _descendants(root: int) -> list[int]:
@@ -185,16 +189,26 @@ def copy_text(rows: list[store.Row]) -> str:
 # --------------------------------------------------------------------------- runs
 
 
-def run_http(settings, pg_pid, workers, threads, connections, duration, logdir) -> dict:
+def run_http(
+    settings, pg_pid, workers, threads, connections, duration, logdir, trivial=False
+) -> dict:
     conn = store.connect(settings)
     conn.run("TRUNCATE audit_events")
     env = settings_env(settings)
+    if workers > 1:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(logdir / f"metrics-{uuid.uuid4().hex[:6]}")
+    source, target = (
+        ("bench/trivial_function.py", "trivial")
+        if trivial
+        else ("functions/writer/main.py", "write")
+    )
     server = FunctionServer(
-        "functions/writer/main.py", "write", env, threads=threads, workers=workers,
+        source, target, env, threads=threads, workers=workers,
         log_path=logdir / f"writer-{workers}x{threads}.log",
     )  # fmt: skip
     with server:
-        request(server.url, "GET", "/readyz")  # schema and connection before timing
+        if not trivial:
+            request(server.url, "GET", "/readyz")  # schema and connection before timing
         before = conn.run("SELECT count(*) FROM audit_events")[0][0]
         meter = Meter(server.proc.pid, pg_pid).__enter__()
         wrk = subprocess.Popen(
@@ -210,16 +224,20 @@ def run_http(settings, pg_pid, workers, threads, connections, duration, logdir) 
         out = wrk.stdout.read()
         cpu = meter.stop(wrk_cpu)
         after = conn.run("SELECT count(*) FROM audit_events")[0][0]
-        metrics = request(server.url, "GET", "/metrics")[1]
+        metrics = "" if trivial else request(server.url, "GET", "/metrics")[1]
     conn.close()
     rows = after - before
+    if trivial:  # nothing stored: count the answered requests instead
+        done = re.search(r"(\d+) requests in", out)
+        rows = int(done.group(1)) if done else 0
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     p50 = re.search(r"50%\s+(\S+)", out)
     p99 = re.search(r"99%\s+(\S+)", out)
     batches = _metric(metrics, "audit_writer_batch_size_count")
     return {
-        "path": f"HTTP, {workers} worker(s) x {threads} threads, {connections} concurrent",
+        "path": ("CONTROL: do-nothing function, " if trivial else "HTTP writer, ")
+        + f"{workers} worker(s) x {threads} threads, {connections} concurrent",
         "rows": rows,
         "rows_per_s": rows / cpu.wall,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
@@ -238,19 +256,57 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def run_bulk(settings, pg_pid, batch) -> dict:
+def run_bulk(settings, pg_pid, batch, workers) -> dict:
     conn = store.connect(settings)
     conn.run("TRUNCATE audit_events")
     conn.close()
     meter = Meter(os.getpid(), pg_pid).__enter__()
-    summary = replay(settings, batch_size=batch)
+    summary = replay(settings, batch_size=batch, workers=workers)
     cpu = meter.stop()
     return {
-        "path": f"bulk replay from Kafka, {batch} rows/transaction",
+        "path": f"bulk replay from Kafka, {workers} process(es), {batch} rows/transaction",
         "rows": summary.inserted,
         "rows_per_s": summary.inserted / cpu.wall,
         "cpu": cpu,
     }
+
+
+def run_consume_only(settings, batch) -> dict:
+    """kafka-python reading the same records and doing nothing with them."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
+        max_poll_records=batch, fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )  # fmt: skip
+    tps = [TopicPartition(settings.kafka_events_topic, p)
+           for p in consumer.partitions_for_topic(settings.kafka_events_topic)]  # fmt: skip
+    ends = consumer.end_offsets(tps)
+    consumer.assign(tps)
+    consumer.seek_to_beginning()
+    meter = Meter(os.getpid(), None).__enter__()
+    n = 0
+    while any(consumer.position(tp) < ends[tp] for tp in tps):
+        for records in consumer.poll(timeout_ms=500, max_records=batch).values():
+            n += len(records)
+    cpu = meter.stop()
+    consumer.close()
+    return {"path": "stage: Kafka consume only (kafka-python), no decoding", "rows": n,
+            "rows_per_s": n / cpu.wall, "cpu": cpu}  # fmt: skip
+
+
+def run_decode_only(events) -> dict:
+    """The per-record CPU work between Kafka and the INSERT: decode, validate, map to a row."""
+    from openg2p_audit.replay import event_from_record
+
+    records = [encode(e) for e in events]
+    meter = Meter(os.getpid(), None).__enter__()
+    for r in records:
+        store.event_to_row(event_from_record(r.headers, r.key, r.value))
+    cpu = meter.stop()
+    return {"path": "stage: decode + validate + map to row, records in memory",
+            "rows": len(records), "rows_per_s": len(records) / cpu.wall, "cpu": cpu}  # fmt: skip
 
 
 def run_insert_only(settings, pg_pid, rows, batch) -> dict:
@@ -324,6 +380,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=5000, help="rows per transaction, bulk and COPY")
     ap.add_argument("--duration", type=int, default=15, help="seconds per HTTP run")
     ap.add_argument("--http", default="1x8:64,1x64:64,1x256:256,2x128:256")
+    ap.add_argument("--control", default="1x8:64,2x128:256", help="do-nothing function runs")
+    ap.add_argument("--bulk-workers", default="1,2")
     ap.add_argument("--skip-bulk", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -359,11 +417,15 @@ def main() -> int:
 
         print(f"machine: {machine()}", flush=True)
         results = []
-        for spec in args.http.split(","):
+        runs = [(spec, True) for spec in args.control.split(",") if spec]
+        runs += [(spec, False) for spec in args.http.split(",") if spec]
+        for spec, trivial in runs:
             wt, conns = spec.split(":")
             workers, threads = (int(x) for x in wt.split("x"))
             results.append(
-                run_http(settings, pg_pid, workers, threads, int(conns), args.duration, work)
+                run_http(
+                    settings, pg_pid, workers, threads, int(conns), args.duration, work, trivial
+                )
             )
             _print(results[-1])
 
@@ -372,8 +434,13 @@ def main() -> int:
         if not args.skip_bulk:
             ensure_topics(settings)
             produce(settings, events)
-            results.append(run_bulk(settings, pg_pid, args.batch))
+            for w in args.bulk_workers.split(","):
+                results.append(run_bulk(settings, pg_pid, args.batch, int(w)))
+                _print(results[-1])
+            results.append(run_consume_only(settings, args.batch))
             _print(results[-1])
+        results.append(run_decode_only(events))
+        _print(results[-1])
         results.append(run_insert_only(settings, pg_pid, rows, args.batch))
         _print(results[-1])
         results.append(run_copy(settings, pg_pid, rows, args.batch))

@@ -382,3 +382,23 @@ def test_concurrent_partition_creation_for_one_month(settings):
     finally:
         for c in conns:
             c.close()
+
+
+def test_metrics_add_up_across_gunicorn_workers(settings, tmp_path):
+    env = {**settings_env(settings), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    events = [make_event() for _ in range(12)]
+    with FunctionServer("functions/writer/main.py", "write", env, workers=2, threads=4) as server:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda e: deliver(server, e)[0], events))
+        assert statuses == [201] * 12
+        deliver(server, events[0])
+        text = request(server.url, "GET", "/metrics")[1]
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(("audit_writer_rows_inserted_total", "audit_writer_duplicates_total"))
+    }
+    assert values == {
+        "audit_writer_rows_inserted_total": 12.0,
+        "audit_writer_duplicates_total": 1.0,
+    }

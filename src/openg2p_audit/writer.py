@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from . import store
 from .contract import AuditEvent
-from .observability import configure_logging, metrics_response
+from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
 from .settings import Settings, load_settings
 
 log = logging.getLogger("openg2p_audit.writer")
@@ -51,6 +51,7 @@ log = logging.getLogger("openg2p_audit.writer")
 # value (here: a structured CloudEvent from a legacy producer) becomes `data`.
 WRAPPED_TYPE = "dev.knative.kafka.event"
 
+prepare_multiprocess_metrics()
 ROWS_INSERTED = Counter("audit_writer_rows_inserted_total", "Rows committed to audit_events")
 DUPLICATES = Counter(
     "audit_writer_duplicates_total", "Deliveries whose row already existed (answered 2xx)"
