@@ -86,6 +86,10 @@ def _descendants(root: int) -> list[int]:
 
 
 def tree_cpu(root: int | None) -> float:
+    if root == os.getpid():
+        # This process and the replay workers it reaped, not the local Kafka and
+        # PostgreSQL servers that also run as its children.
+        return _cpu_of(root)
     return sum(_cpu_of(p) for p in _descendants(root)) if root else 0.0
 
 
