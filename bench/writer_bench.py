@@ -236,8 +236,8 @@ def run_http(
         rows = int(done.group(1)) if done else 0
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE)
     batches = _metric(metrics, "audit_writer_batch_size_count")
     return {
         "path": ("CONTROL: do-nothing function, " if trivial else "HTTP writer, ")
@@ -455,7 +455,9 @@ def main() -> int:
         for r in results:
             notes = []
             if "latency" in r:
-                notes.append(f"latency {r['latency']}; mean batch {r['mean_batch']:.0f}")
+                notes.append(f"latency {r['latency']}")
+                if r["mean_batch"]:
+                    notes.append(f"mean batch {r['mean_batch']:.0f}")
                 if r["non_2xx"] or r["socket_errors"]:
                     notes.append(f"non-2xx {r['non_2xx']} {r['socket_errors']}".strip())
             print(
