@@ -53,14 +53,15 @@ def test_replay_stores_a_topic_range_once(topics, pg):
             (b"legacy", structured, [("content-type", b"application/json")]),
             (b"junk", b"not an event", []),
             (b"nul", *_binary_with_nul()),
+            (b"untimed", *_structured_without_time()),
         ],
     )
     rejected = []
     summary = replay(topics, batch_size=64, workers=2, on_reject=rejected.append)
 
-    assert summary.records == 300 + 50 + 3
-    assert (summary.inserted, summary.duplicates, summary.rejected) == (301, 50, 2)
-    assert sorted(r.reason for r in rejected) == ["not_a_cloudevent", "unstorable"]
+    assert summary.records == 300 + 50 + 4
+    assert (summary.inserted, summary.duplicates, summary.rejected) == (301, 50, 3)
+    assert sorted(r.reason for r in rejected) == ["missing_time", "not_a_cloudevent", "unstorable"]
     assert count(pg) == 301
     ids = {r[0] for r in pg.run("SELECT id FROM audit_events")}
     assert ids == {e.id for e in events} | {legacy.id}
@@ -68,6 +69,13 @@ def test_replay_stores_a_topic_range_once(topics, pg):
     again = replay(topics, batch_size=1000)
     assert (again.inserted, again.duplicates) == (0, 351)
     assert count(pg) == 301
+
+
+def _structured_without_time() -> tuple[bytes, list]:
+    event = make_event()
+    attrs = {k: v for k, v in event.attributes().items() if k != "time"}
+    body = json.dumps({**attrs, "data": event.data_json()}).encode()
+    return body, [("content-type", b"application/cloudevents+json")]
 
 
 def _binary_with_nul() -> tuple[bytes, list]:

@@ -228,6 +228,22 @@ def test_record_wrapped_by_the_kafkasource_is_unwrapped(writer, pg):
     assert pg.run("SELECT count(*) FROM audit_events WHERE id LIKE 'partition:%'") == [[0]]
 
 
+def test_structured_mode_delivery_is_accepted_too(writer, pg):
+    event = make_event()
+    body = json.dumps({**event.attributes(), "data": event.data_json()}).encode()
+    headers = {"Content-Type": "application/cloudevents+json"}
+    assert request(writer.url, "POST", "/", body, headers)[:2] == (
+        201,
+        {"status": "stored", "id": event.id},
+    )
+    untimed = json.loads(body)
+    del untimed["time"]
+    untimed["id"] = "untimed"
+    status, answer, _ = request(writer.url, "POST", "/", json.dumps(untimed).encode(), headers)
+    assert (status, answer["error"]) == (422, "missing_time")
+    assert rows(pg, "untimed") == []
+
+
 def _rejected(writer, pg, headers, body, status, error):
     before = pg.run("SELECT count(*) FROM audit_events")[0][0]
     got, answer, resp_headers = request(writer.url, "POST", "/", body, headers)

@@ -18,6 +18,7 @@ it first met them.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -89,11 +90,20 @@ def event_from_record(
             attrs = decode_attributes(headers, key, value)
         except (ValueError, TypeError) as exc:
             raise Rejection(400, "not_a_cloudevent", f"unreadable CloudEvent: {exc}") from None
-        if is_binary(headers) and "ce_time" not in names:
+        if not _time_given(headers, names, value):
             attrs.pop("time", None)  # the SDK filled in "now"
         return validate_attributes(attrs)
     # What a KafkaSource wraps as dev.knative.kafka.event: a legacy structured event.
     return validate_attributes(unwrap_structured(value))
+
+
+def _time_given(headers: list[tuple[str, bytes]], names: set[str], value: bytes) -> bool:
+    if is_binary(headers):
+        return "ce_time" in names
+    try:
+        return "time" in json.loads(value)
+    except ValueError:
+        return False
 
 
 def _to_ms(moment: datetime) -> int:
