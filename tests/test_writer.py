@@ -318,7 +318,7 @@ def test_rows_of_one_batch_share_one_transaction(settings, pg):
         committer._queue.put(item)  # queued before the committer starts: one batch
     committer._ensure_thread()
     for item in items:
-        assert item.done.wait(30)
+        assert item.wait(30)
     assert [i.status for i in items] == ["stored"] * 10
     # now() is the transaction's start time: one value means one transaction
     stamps = pg.run(
@@ -341,7 +341,7 @@ def test_one_refused_row_does_not_fail_its_batch(settings, pg):
         committer._queue.put(item)
     committer._ensure_thread()
     for item in items:
-        assert item.done.wait(30)
+        assert item.wait(30)
     assert [i.status for i in items] == ["stored", "rejected", "stored", "stored"]
     assert "invalid input syntax for type json" in items[1].detail
     assert len(rows(pg, *(e.id for e in good))) == 3

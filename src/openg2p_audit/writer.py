@@ -183,10 +183,22 @@ def parse_delivery(headers: Any, body: bytes) -> AuditEvent:
 
 @dataclass(eq=False)
 class _Pending:
+    """One delivery waiting for its transaction. A held lock is the cheapest one-shot signal."""
+
     row: store.Row
-    done: threading.Event = field(default_factory=threading.Event)
     status: str = ""  # stored | duplicate | rejected | unavailable
     detail: str = ""
+    _signal: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._signal.acquire()
+
+    def wait(self, timeout: float) -> bool:
+        return self._signal.acquire(timeout=timeout)
+
+    def done(self) -> None:
+        if self._signal.locked():
+            self._signal.release()
 
 
 class GroupCommitter:
@@ -206,7 +218,7 @@ class GroupCommitter:
         self._ensure_thread()
         item = _Pending(row)
         self._queue.put(item)
-        if not item.done.wait(self.settings.writer_wait_seconds):
+        if not item.wait(self.settings.writer_wait_seconds):
             item.status = "unavailable"
             item.detail = f"the commit did not finish within {self.settings.writer_wait_seconds}s"
         return item
@@ -243,7 +255,7 @@ class GroupCommitter:
                     self._finish(item, "unavailable", f"internal error: {exc}")
             finally:
                 for item in batch:
-                    item.done.set()
+                    item.done()
 
     def _connection(self) -> tuple[pg8000.native.Connection, bool]:
         """The open connection, or a new one (schema ensured); the flag says it is new."""
@@ -358,7 +370,8 @@ def committer() -> GroupCommitter:
 
 
 def _json(status: int, body: dict[str, Any], **headers: str) -> tuple[str, int, dict[str, str]]:
-    return json.dumps(body, default=str), status, {"Content-Type": "application/json", **headers}
+    # No `default=`: that would build a new encoder for every answer.
+    return json.dumps(body), status, {"Content-Type": "application/json", **headers}
 
 
 def _unavailable(reason: str, message: str) -> tuple[str, int, dict[str, str]]:
