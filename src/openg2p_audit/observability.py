@@ -15,8 +15,7 @@ import sys
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -53,13 +52,19 @@ def configure_logging(level: str | int = "INFO") -> None:
 def metrics_response() -> tuple[bytes, int, dict[str, str]]:
     """A Flask-style (body, status, headers) answer for GET /metrics.
 
-    With several gunicorn workers (WORKERS>1) each has its own counters and a
-    scrape reaches one of them at random; setting PROMETHEUS_MULTIPROC_DIR (an
-    empty folder, before the server starts) makes every answer the sum over
-    all workers.
+    With several gunicorn workers (WORKERS > 1) each process counts on its own;
+    setting PROMETHEUS_MULTIPROC_DIR makes prometheus-client share the counts
+    through files there, and this answer then sums every worker's.
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
     return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+
+def prepare_multiprocess_metrics() -> None:
+    """Create PROMETHEUS_MULTIPROC_DIR if set; must run before the first metric is defined."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)

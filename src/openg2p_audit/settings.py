@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     db_user: str = "postgres"
     db_password: str = ""
 
+    # Database timeouts, seconds. The socket timeout outlasts the statement timeout so a
+    # slow statement is cancelled cleanly by PostgreSQL before the connection is given up.
+    db_statement_timeout: float = Field(10.0, gt=0, le=3600)
+    db_socket_timeout: float = Field(15.0, gt=0, le=3600)
+
+    # Writer: group commit and the bulk path.
+    writer_batch_max: int = Field(1000, ge=1, le=100_000)
+    writer_wait_seconds: float = Field(30.0, gt=0, le=3600)
+    replay_batch_size: int = Field(5000, ge=1, le=100_000)
+
     # Partition upkeep.
     partitions_ahead_months: int = Field(3, ge=1, le=120)
     retention_months: int = Field(84, ge=0, le=1200)

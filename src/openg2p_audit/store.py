@@ -1,0 +1,590 @@
+"""The audit store: one monthly-partitioned PostgreSQL table, written idempotently.
+
+The schema lives here as idempotent DDL run at start (the OpenG2P convention:
+no migration tool). Common investigation queries need no JSON operators: the
+CloudEvents envelope, actor, resource, action, outcome and reason are flat
+columns; `details` holds only what an event type adds, and is NULL for plain
+events so it costs nothing for the common case.
+
+Every writer of rows (the HTTP writer, the bulk replay, the DLQ redrive) goes
+through `insert_events`, so there is one definition of "stored": a row keyed
+by (id, occurred_at), inserted with ON CONFLICT DO NOTHING, in a committed
+transaction. Redelivery therefore never adds a second row.
+
+Partitions are monthly in UTC. The partition helpers are public because the
+maintenance function reuses them to create partitions ahead and drop expired
+ones; the writer creates a missing month on demand, so an event for a month
+nobody prepared (a backfill, a missed maintenance run) is stored, not stuck.
+
+All functions take a `pg8000.native.Connection` in autocommit mode (its
+default) and manage their own transactions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import pg8000.native
+from pg8000.exceptions import DatabaseError, InterfaceError
+
+from .contract import AuditEvent, find_nul
+from .settings import Settings
+
+TABLE = "audit_events"
+
+# Advisory lock keys (pg_advisory_xact_lock(int, int)): the first int names
+# this application, the second the object being created.
+_LOCK_NAMESPACE = 0x0A0D17  # "audit"
+_SCHEMA_LOCK = 0
+
+# Columns in insert order; `ingested_at` is left to its default, now().
+COLUMNS = (
+    "id",
+    "occurred_at",
+    "source",
+    "type",
+    "subject",
+    "actor_type",
+    "actor_id",
+    "resource_type",
+    "resource_id",
+    "action",
+    "outcome",
+    "reason",
+    "trace_id",
+    "details",
+)
+
+_DDL_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    id            text        NOT NULL,
+    occurred_at   timestamptz NOT NULL,
+    source        text        NOT NULL,
+    type          text        NOT NULL,
+    subject       text,
+    actor_type    text        NOT NULL,
+    actor_id      text        NOT NULL,
+    resource_type text,
+    resource_id   text,
+    action        text        NOT NULL,
+    outcome       text        NOT NULL,
+    reason        text,
+    trace_id      text,
+    details       jsonb,
+    ingested_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (id, occurred_at)
+) PARTITION BY RANGE (occurred_at)
+"""
+
+# Defined on the parent, so PostgreSQL propagates them to every partition.
+PARENT_INDEXES = {
+    f"{TABLE}_occurred_at_idx": "(occurred_at DESC)",
+    f"{TABLE}_actor_idx": "(actor_id, occurred_at DESC)",
+    f"{TABLE}_resource_idx": "(resource_type, resource_id, occurred_at DESC)",
+    f"{TABLE}_type_idx": "(type, occurred_at DESC)",
+    f"{TABLE}_trace_idx": "(trace_id) WHERE trace_id IS NOT NULL",
+}
+
+# A btree entry must fit in a third of a page (~2.7 kB). Values longer than this
+# would fail the whole batch inside PostgreSQL, so they are refused up front.
+MAX_INDEXED_BYTES = 2000
+
+# Seconds DDL may wait for a lock on the parent table. Creating a partition
+# needs a strong lock; queueing behind a long investigator query would stall
+# every insert queued behind the DDL, so it gives up instead (a transient error).
+DDL_LOCK_TIMEOUT = "5s"
+
+_PARTITION_NAME = re.compile(rf"^{TABLE}_(\d{{4}})_(\d{{2}})$")
+
+
+class UnstorableEvent(ValueError):
+    """The event can never be stored as it is; retrying will not help."""
+
+
+def connect(
+    settings: Settings, application_name: str = "openg2p-audit"
+) -> pg8000.native.Connection:
+    """A connection with the project's timeouts, so no caller can hang on a stuck server."""
+    conn = pg8000.native.Connection(
+        **settings.pg_connect_kwargs,
+        timeout=settings.db_socket_timeout,
+        application_name=application_name,
+    )
+    try:
+        conn.run(f"SET statement_timeout = {int(settings.db_statement_timeout * 1000)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+# --------------------------------------------------------------------------- months
+
+
+def month_of(moment: datetime) -> date:
+    """The first day of `moment`'s month, in UTC."""
+    if moment.tzinfo is None:
+        raise ValueError("timestamp without time zone")
+    utc = moment.astimezone(UTC)
+    return date(utc.year, utc.month, 1)
+
+
+def add_months(month: date, count: int) -> date:
+    """The first day of the month `count` months after (or before) `month`'s."""
+    index = month.year * 12 + (month.month - 1) + count
+    return date(index // 12, index % 12 + 1, 1)
+
+
+def month_bounds(month: date) -> tuple[datetime, datetime]:
+    """[start, end) of the month as UTC instants: a partition's range."""
+    start = date(month.year, month.month, 1)
+    end = add_months(start, 1)
+    return (
+        datetime(start.year, start.month, 1, tzinfo=UTC),
+        datetime(end.year, end.month, 1, tzinfo=UTC),
+    )
+
+
+def partition_name(month: date) -> str:
+    """`audit_events_YYYY_MM`, the name investigators see."""
+    return f"{TABLE}_{month.year:04d}_{month.month:02d}"
+
+
+def partition_month(name: str) -> date | None:
+    """The month a partition name stands for, or None for any other table."""
+    m = _PARTITION_NAME.match(name)
+    if not m or not 1 <= int(m.group(2)) <= 12:
+        return None
+    return date(int(m.group(1)), int(m.group(2)), 1)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _run_in_transaction(conn: pg8000.native.Connection, statements: Iterable[str]) -> None:
+    conn.run("BEGIN")
+    try:
+        for sql in statements:
+            conn.run(sql)
+        conn.run("COMMIT")
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+
+
+def _rollback_quietly(conn: pg8000.native.Connection) -> None:
+    # The connection may be gone; the original error is what gets reported.
+    with contextlib.suppress(DatabaseError, InterfaceError, OSError):
+        conn.run("ROLLBACK")
+
+
+def ensure_schema(conn: pg8000.native.Connection) -> None:
+    """Create the partitioned table and its indexes if missing.
+
+    Runs in one transaction under an advisory lock: writers that start at the
+    same time on an empty database queue up instead of racing on the catalog
+    (concurrent CREATE ... IF NOT EXISTS can still fail on a unique index).
+    """
+    statements = [
+        f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'",
+        f"SELECT pg_advisory_xact_lock({_LOCK_NAMESPACE}, {_SCHEMA_LOCK})",
+        _DDL_TABLE,
+    ]
+    statements += [
+        f"CREATE INDEX IF NOT EXISTS {name} ON {TABLE} {spec}"
+        for name, spec in PARENT_INDEXES.items()
+    ]
+    _run_in_transaction(conn, statements)
+
+
+class _PartitionCache:
+    """Months known to have a partition, per database, for this process.
+
+    Keyed by database identity rather than by connection, so a reconnect does
+    not redo the work; a wrong entry (a partition dropped behind our back) is
+    corrected by `insert_events`, which forgets it and recreates the partition.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._months: dict[str, set[date]] = {}
+        self._db_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def database(self, conn: pg8000.native.Connection) -> str:
+        key = self._db_of.get(conn)
+        if key is None:
+            row = conn.run(
+                "SELECT current_database(), coalesce(inet_server_addr()::text, 'local'),"
+                " coalesce(inet_server_port(), 0)"
+            )[0]
+            key = f"{row[1]}:{row[2]}/{row[0]}"
+            self._db_of[conn] = key
+        return key
+
+    def known(self, conn: pg8000.native.Connection, month: date) -> bool:
+        db = self.database(conn)
+        with self._lock:
+            return month in self._months.get(db, ())
+
+    def add(self, conn: pg8000.native.Connection, month: date) -> None:
+        db = self.database(conn)
+        with self._lock:
+            self._months.setdefault(db, set()).add(month)
+
+    def forget(self, conn: pg8000.native.Connection, months: Iterable[date] | None) -> None:
+        db = self.database(conn)
+        with self._lock:
+            if months is None:
+                self._months.pop(db, None)
+            else:
+                self._months.get(db, set()).difference_update(months)
+
+
+_partitions = _PartitionCache()
+
+
+def _partition_lock_key(month: date) -> int:
+    return 1 + month.year * 12 + (month.month - 1)
+
+
+def ensure_partition(conn: pg8000.native.Connection, month: date) -> bool:
+    """Make sure `month` has its partition; True if this call created it.
+
+    Safe when several processes ask for the same month at once: creation is
+    serialised by a per-month advisory lock and re-checked under it. Must not
+    be called inside an open transaction that has written to the table
+    (creating a partition locks the parent; two writers each holding row
+    locks and waiting for that lock would deadlock), so it runs its own.
+    """
+    month = date(month.year, month.month, 1)
+    if _partitions.known(conn, month):
+        return False
+    name = partition_name(month)
+    start, end = month_bounds(month)
+    created = False
+    conn.run("BEGIN")
+    try:
+        conn.run(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+        conn.run(f"SELECT pg_advisory_xact_lock({_LOCK_NAMESPACE}, {_partition_lock_key(month)})")
+        exists = conn.run("SELECT to_regclass(:name) IS NOT NULL", name=name)[0][0]
+        if not exists:
+            conn.run(
+                f"CREATE TABLE IF NOT EXISTS {pg8000.native.identifier(name)} PARTITION OF {TABLE}"
+                f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+            )
+            created = True
+        conn.run("COMMIT")
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+    _partitions.add(conn, month)
+    return created
+
+
+def forget_partitions(conn: pg8000.native.Connection, months: Iterable[date] | None = None) -> None:
+    """Drop this process's memory of partitions (all, or some months) after dropping them."""
+    _partitions.forget(conn, months)
+
+
+def list_partitions(conn: pg8000.native.Connection) -> dict[date, str]:
+    """The monthly partitions attached to the table, by month."""
+    rows = conn.run(
+        "SELECT c.relname FROM pg_inherits i"
+        " JOIN pg_class c ON c.oid = i.inhrelid"
+        " WHERE i.inhparent = to_regclass(:table)",
+        table=TABLE,
+    )
+    found: dict[date, str] = {}
+    for (name,) in rows:
+        month = partition_month(name)
+        if month is not None:
+            found[month] = name
+    return found
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One `audit_events` row, in `COLUMNS` order (details already JSON text or None)."""
+
+    id: str
+    occurred_at: datetime
+    source: str
+    type: str
+    subject: str | None
+    actor_type: str
+    actor_id: str
+    resource_type: str | None
+    resource_id: str | None
+    action: str
+    outcome: str
+    reason: str | None
+    trace_id: str | None
+    details: str | None
+
+    @property
+    def key(self) -> tuple[str, datetime]:
+        return (self.id, self.occurred_at)
+
+    @property
+    def month(self) -> date:
+        return month_of(self.occurred_at)
+
+    def values(self) -> tuple:
+        return tuple(getattr(self, c) for c in COLUMNS)
+
+
+_DATA_COLUMNS = frozenset(
+    {"actor", "action", "outcome", "resource", "reason", "changes", "context"}
+)
+_IDENTITY = ("id", "type")
+
+
+def _present(value: object) -> bool:
+    """Whether a value carries information: empty strings and containers do not."""
+    return value is not None and value != "" and value != [] and value != {}
+
+
+def _extras(obj: dict, skip: Iterable[str]) -> dict:
+    return {k: v for k, v in obj.items() if k not in skip and _present(v)}
+
+
+def details_of(event: AuditEvent) -> dict | None:
+    """The event-type-specific extras that have no flat column, or None if there are none."""
+    data = event.data_json()
+    details: dict = {}
+    actor = _extras(data.get("actor") or {}, _IDENTITY)
+    if actor:
+        details["actor"] = actor
+    resource = _extras(data.get("resource") or {}, _IDENTITY)
+    if resource:
+        details["resource"] = resource
+    for name in ("changes", "context"):
+        if _present(data.get(name)):
+            details[name] = data[name]
+    details.update(_extras(data, _DATA_COLUMNS))
+    return details or None
+
+
+def _utf8_len(value: str | None) -> int:
+    return len(value.encode("utf-8", "surrogatepass")) if value else 0
+
+
+def event_to_row(event: AuditEvent) -> Row:
+    """Map a validated event to its row; UnstorableEvent if PostgreSQL could never take it."""
+    data = event.data
+    resource = data.resource
+    details = details_of(event)
+    row = Row(
+        id=event.id,
+        occurred_at=event.time,
+        source=event.source,
+        type=event.type,
+        subject=event.subject,
+        actor_type=data.actor.type.value,
+        actor_id=data.actor.id,
+        resource_type=resource.type if resource else None,
+        resource_id=resource.id if resource else None,
+        action=data.action,
+        outcome=data.outcome.value,
+        reason=data.reason,
+        trace_id=event.trace_id,
+        details=None
+        if details is None
+        else json.dumps(details, separators=(",", ":"), ensure_ascii=False),
+    )
+    _check_storable(row, details)
+    return row
+
+
+_TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in ("occurred_at", "details"))
+_INDEXED = (("id",), ("actor_id",), ("resource_type", "resource_id"), ("type",))
+
+
+def _check_storable(row: Row, details: dict | None) -> None:
+    """Refuse, with the reason, what PostgreSQL would refuse inside a shared batch.
+
+    Written for the common case (nothing wrong) to cost one pass over the text:
+    the precise culprit is looked for only once something is found.
+    """
+    texts = [getattr(row, c) or "" for c in _TEXT_COLUMNS]
+    everything = "\x1f".join(texts) + (row.details or "")
+    # json.dumps writes NUL as \u0000, which jsonb refuses just like text refuses NUL.
+    if "\x00" in everything:
+        for name, value in zip(_TEXT_COLUMNS, texts, strict=True):
+            if "\x00" in value:
+                raise UnstorableEvent(
+                    f"{name} contains a NUL character, which PostgreSQL cannot store"
+                )
+    if row.details and "\\u0000" in row.details:
+        where = find_nul(details)  # None when it was only an escaped backslash before "u0000"
+        if where:
+            raise UnstorableEvent(
+                f"data.{where} contains a NUL character, which PostgreSQL cannot store"
+            )
+    try:
+        everything.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnstorableEvent("the event contains an unpaired UTF-16 surrogate") from None
+    by_name = dict(zip(_TEXT_COLUMNS, texts, strict=True))
+    for columns in _INDEXED:
+        if sum(len(by_name[c]) for c in columns) * 4 <= MAX_INDEXED_BYTES:
+            continue  # short enough whatever the characters
+        size = sum(_utf8_len(by_name[c]) for c in columns)
+        if size > MAX_INDEXED_BYTES:
+            raise UnstorableEvent(
+                f"{' + '.join(columns)} is {size} bytes; indexed values are limited to"
+                f" {MAX_INDEXED_BYTES} bytes"
+            )
+
+
+# --------------------------------------------------------------------------- inserting
+
+
+def _array_literal(values: Sequence[str | None]) -> str:
+    """A text[] literal; faster than letting the driver convert element by element."""
+    return (
+        "{"
+        + ",".join(
+            "NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for v in values
+        )
+        + "}"
+    )
+
+
+_CASTS = {"occurred_at": "timestamptz", "details": "jsonb"}
+_INSERT = (
+    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)})"
+    f" SELECT {', '.join(f'{c}::{_CASTS[c]}' if c in _CASTS else c for c in COLUMNS)}"
+    f" FROM unnest({', '.join(f':{c}::text[]' for c in COLUMNS)}) AS r({', '.join(COLUMNS)})"
+    " ON CONFLICT (id, occurred_at) DO NOTHING"
+    " RETURNING id, (extract(epoch FROM occurred_at) * 1000000)::bigint"
+)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(moment: datetime) -> int:
+    """Exact microseconds since the epoch: how RETURNING names a row without parsing timestamps."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    """What one committed insert did.
+
+    `new[i]` tells whether rows[i] was stored by this call (False: it already
+    existed, or an identical key came earlier in the same call).
+    """
+
+    inserted: int
+    duplicates: int
+    new: tuple[bool, ...] = field(default=(), repr=False)
+
+
+def _no_partition(exc: DatabaseError) -> bool:
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return err.get("C") == "23514" and "no partition" in str(err.get("M", ""))
+
+
+def insert_events(
+    conn: pg8000.native.Connection, events: Sequence[AuditEvent | Row]
+) -> InsertResult:
+    """Store events (or prepared rows) in one transaction with one statement; return after COMMIT.
+
+    Duplicates (same id and occurred_at, stored before or repeated within the
+    call) are skipped, never an error. Months without a partition get one
+    first. Any exception means nothing of this call was committed, except a
+    lost connection during COMMIT, where the outcome is unknown: retrying is
+    safe because the insert is idempotent.
+    """
+    rows = [e if isinstance(e, Row) else event_to_row(e) for e in events]
+    if not rows:
+        return InsertResult(0, 0, ())
+    first_seen: dict[tuple[str, int], int] = {}
+    keys = [(row.id, _micros(row.occurred_at)) for row in rows]
+    for i, key in enumerate(keys):
+        first_seen.setdefault(key, i)
+    # Sorted by key: concurrent transactions then take row locks in one order and cannot
+    # deadlock on keys they share (a redelivery racing its original).
+    unique = [rows[first_seen[k]] for k in sorted(first_seen)]
+
+    for month in sorted({r.month for r in unique}):
+        ensure_partition(conn, month)
+    params = {
+        c: _array_literal(
+            [r.occurred_at.isoformat() for r in unique]
+            if c == "occurred_at"
+            else [getattr(r, c) for r in unique]
+        )
+        for c in COLUMNS
+    }
+    try:
+        stored = _insert_once(conn, params)
+    except DatabaseError as exc:
+        if not _no_partition(exc):
+            raise
+        # A partition this process believed in was dropped: relearn and retry once.
+        months = {r.month for r in unique}
+        forget_partitions(conn, months)
+        for month in sorted(months):
+            ensure_partition(conn, month)
+        stored = _insert_once(conn, params)
+
+    new = tuple(first_seen[key] == i and key in stored for i, key in enumerate(keys))
+    inserted = len(stored)
+    return InsertResult(inserted=inserted, duplicates=len(rows) - inserted, new=new)
+
+
+def _insert_once(conn: pg8000.native.Connection, params: dict[str, str]) -> set[tuple[str, int]]:
+    # One statement in autocommit mode is one transaction, and the driver returns only
+    # after the server's ReadyForQuery, which follows the commit: one round trip, not three.
+    statement = _prepared.get(conn)
+    if statement is None:
+        statement = _prepared[conn] = conn.prepare(_INSERT)
+    returned = statement.run(**params)
+    return {(r[0], r[1]) for r in returned}
+
+
+# The insert parsed once per connection, by the driver and by the server.
+_prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a PostgreSQL error, if it is one."""
+    if isinstance(exc, DatabaseError) and exc.args and isinstance(exc.args[0], dict):
+        return exc.args[0].get("C")
+    return None
+
+
+# SQLSTATE classes that say "this data can never go in", as opposed to "not now".
+_PERMANENT_CLASSES = ("22", "23", "54")
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a failed insert would fail again with the same rows.
+
+    Data and constraint errors are permanent; a missing partition is not (it
+    is created on demand), and everything else (connection loss, shutdown,
+    deadlock, lock timeout, out of resources) is worth retrying.
+    """
+    code = sqlstate(exc)
+    if code is None or isinstance(exc, InterfaceError):
+        return False
+    if isinstance(exc, DatabaseError) and _no_partition(exc):
+        return False
+    return code[:2] in _PERMANENT_CLASSES

@@ -1,0 +1,435 @@
+"""The writer function: KafkaSource deliveries → committed rows in PostgreSQL.
+
+A Knative KafkaSource POSTs each Kafka record as one binary-mode CloudEvent
+and reads nothing but the status code:
+
+- 2xx: the row is committed (201) or was already there (200). Never earlier:
+  the KafkaSource commits the record's offset on 2xx, so an answer before the
+  commit could lose the event.
+- 503: a transient failure (database down, timeout). The KafkaSource retries.
+- 400/422: the event can never be stored. The KafkaSource sends it to the
+  dead-letter sink; retrying would block its partition forever.
+
+Many deliveries are in flight per instance. Committing each alone would cap
+the writer at roughly one fsync per event, so the requests of one process
+share transactions (group commit): handler threads hand their row to one
+committer thread and wait; the committer puts everything pending into one
+INSERT, commits, and wakes each handler with its own outcome. Under light
+load a batch is a single row and nothing waits for company.
+
+State here is only a cache (the connection, the partitions known to exist);
+every answer reflects what PostgreSQL committed, so the function can scale to
+zero and back at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pg8000.native
+from cloudevents import exceptions as ce_exceptions
+from cloudevents.http import from_http
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from . import store
+from .contract import AuditEvent
+from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
+from .settings import Settings, load_settings
+
+log = logging.getLogger("openg2p_audit.writer")
+
+# What a KafkaSource delivers for a record without `ce_` headers: the record's
+# value (here: a structured CloudEvent from a legacy producer) becomes `data`.
+WRAPPED_TYPE = "dev.knative.kafka.event"
+
+prepare_multiprocess_metrics()
+ROWS_INSERTED = Counter("audit_writer_rows_inserted_total", "Rows committed to audit_events")
+DUPLICATES = Counter(
+    "audit_writer_duplicates_total", "Deliveries whose row already existed (answered 2xx)"
+)
+REJECTIONS = Counter(
+    "audit_writer_rejections_total", "Deliveries answered 4xx, by reason", ["reason"]
+)
+UNAVAILABLE = Counter(
+    "audit_writer_unavailable_total", "Deliveries answered 503 (transient failures)", ["reason"]
+)
+BATCH_SIZE = Histogram(
+    "audit_writer_batch_size",
+    "Deliveries committed in one transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+)
+COMMIT_SECONDS = Histogram(
+    "audit_writer_commit_seconds",
+    "Time to insert and commit one batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+class Rejection(Exception):
+    """An event that can never be stored: answered 4xx with a reason."""
+
+    def __init__(self, status: int, reason: str, message: str, **extra: Any):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.reason, "message": self.message, **self.extra}
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def _validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    return [
+        {"field": ".".join(str(p) for p in err["loc"]) or "event", "problem": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def validate_attributes(candidate: dict[str, Any]) -> AuditEvent:
+    """The event from CloudEvent attributes plus `data`; Rejection if it can never be stored."""
+    if not candidate.get("time"):
+        # Without a time the contract would default it to "now": each redelivery
+        # would then get another primary key and another row.
+        raise Rejection(
+            422,
+            "missing_time",
+            "the event has no time attribute; it is required so that a redelivery is "
+            "recognised as a duplicate",
+            id=candidate.get("id"),
+        )
+    try:
+        return AuditEvent.model_validate(candidate)
+    except ValidationError as exc:
+        raise Rejection(
+            422,
+            "invalid_event",
+            "the event violates the audit event contract",
+            id=candidate.get("id"),
+            errors=_validation_errors(exc),
+        ) from None
+
+
+def unwrap_structured(data: Any, origin: str | None = None) -> dict[str, Any]:
+    """The structured CloudEvent a legacy producer put into a record without `ce_` headers."""
+    if isinstance(data, bytes | bytearray | str):
+        try:
+            data = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+    if not isinstance(data, dict) or "specversion" not in data:
+        raise Rejection(
+            422,
+            "not_a_cloudevent",
+            "the Kafka record carries no CloudEvent: it has no ce_ headers and its value is "
+            "not a structured CloudEvent (JSON with specversion, id, source, type, time, data)",
+            record=origin,
+        )
+    return data
+
+
+def parse_delivery(headers: Any, body: bytes) -> AuditEvent:
+    """Parse and validate one delivery; raises Rejection for anything that cannot be stored."""
+    lowered = _lower(headers)
+    try:
+        ce = from_http(lowered, body)
+    except ce_exceptions.GenericException as exc:
+        raise Rejection(
+            400,
+            "not_a_cloudevent",
+            f"the request is not a CloudEvent (binary or structured mode): {exc}",
+        ) from None
+    attrs = dict(ce.get_attributes())
+    data = ce.get_data()
+    if attrs.get("type") == WRAPPED_TYPE:
+        return validate_attributes(unwrap_structured(data, attrs.get("id")))
+    if isinstance(data, bytes | bytearray | str) and data:
+        raise Rejection(
+            400, "data_not_json", "the event's data is not valid JSON", id=attrs.get("id")
+        )
+    binary = "ce-specversion" in lowered
+    if binary:
+        given_time = "ce-time" in lowered
+    else:
+        try:
+            given_time = "time" in json.loads(body)
+        except ValueError:
+            given_time = False
+    if not given_time:
+        attrs.pop("time", None)  # the SDK filled in "now"
+    attrs.pop("partitionkey", None)
+    attrs["data"] = data
+    return validate_attributes(attrs)
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One delivery waiting for its transaction. A held lock is the cheapest one-shot signal."""
+
+    row: store.Row
+    status: str = ""  # stored | duplicate | rejected | unavailable
+    detail: str = ""
+    _signal: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._signal.acquire()
+
+    def wait(self, timeout: float) -> bool:
+        return self._signal.acquire(timeout=timeout)
+
+    def done(self) -> None:
+        if self._signal.locked():
+            self._signal.release()
+
+
+class GroupCommitter:
+    """One committer thread and one connection per process; handler threads wait on it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._conn: pg8000.native.Connection | None = None
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.schema_ready = threading.Event()
+
+    # Handler side.
+
+    def submit(self, row: store.Row) -> _Pending:
+        self._ensure_thread()
+        item = _Pending(row)
+        self._queue.put(item)
+        if not item.wait(self.settings.writer_wait_seconds):
+            item.status = "unavailable"
+            item.detail = f"the commit did not finish within {self.settings.writer_wait_seconds}s"
+        return item
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="audit-group-commit", daemon=True
+                )
+                self._thread.start()
+
+    # Committer side.
+
+    def _loop(self) -> None:
+        limit = self.settings.writer_batch_max
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < limit:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # no handler may wait forever
+                log.exception("group commit failed unexpectedly")
+                for item in batch:
+                    self._finish(item, "unavailable", f"internal error: {exc}")
+            finally:
+                for item in batch:
+                    item.done()
+
+    def _connection(self) -> tuple[pg8000.native.Connection, bool]:
+        """The open connection, or a new one (schema ensured); the flag says it is new."""
+        if self._conn is not None:
+            return self._conn, False
+        conn = store.connect(self.settings, application_name="openg2p-audit-writer")
+        try:
+            store.ensure_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self.schema_ready.set()
+        return conn, True
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # it is broken already
+                self._conn.close()
+            self._conn = None
+
+    def _insert(self, rows: list[store.Row]) -> store.InsertResult:
+        """Insert on the open connection; if that connection turns out stale, once on a new one."""
+        conn, fresh = self._connection()
+        try:
+            return store.insert_events(conn, rows)
+        except Exception as exc:
+            if store.is_permanent(exc):
+                raise
+            self._drop_connection()
+            if fresh:
+                raise
+            log.warning("database connection lost (%s); reconnecting", exc)
+        conn, _ = self._connection()
+        try:
+            return store.insert_events(conn, rows)
+        except Exception as exc:
+            if not store.is_permanent(exc):
+                self._drop_connection()
+            raise
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            result = self._insert([item.row for item in batch])
+        except Exception as exc:  # noqa: BLE001 - classified below: permanent or transient
+            if store.is_permanent(exc) and len(batch) > 1:
+                # One event PostgreSQL refuses must not fail the others: retry one by one.
+                for item in batch:
+                    self._commit([item])
+                return
+            if store.is_permanent(exc):
+                self._finish(batch[0], "rejected", _db_message(exc))
+                return
+            log.warning("batch of %d not stored: %s", len(batch), exc)
+            for item in batch:
+                self._finish(item, "unavailable", f"database unavailable: {_db_message(exc)}")
+            return
+        COMMIT_SECONDS.observe(time.perf_counter() - started)
+        BATCH_SIZE.observe(len(batch))
+        ROWS_INSERTED.inc(result.inserted)
+        DUPLICATES.inc(result.duplicates)
+        for item, new in zip(batch, result.new, strict=True):
+            self._finish(item, "stored" if new else "duplicate", "")
+
+    @staticmethod
+    def _finish(item: _Pending, status: str, detail: str) -> None:
+        item.status = status
+        item.detail = detail
+
+    def probe(self) -> None:
+        """Raise unless the database answers, on a connection of its own (thread safety)."""
+        conn = store.connect(
+            self.settings.model_copy(update={"db_socket_timeout": 3.0}),
+            application_name="openg2p-audit-writer-probe",
+        )
+        try:
+            if not self.schema_ready.is_set():
+                store.ensure_schema(conn)
+                self.schema_ready.set()
+            conn.run("SELECT 1")
+        finally:
+            conn.close()
+
+
+def _db_message(exc: BaseException) -> str:
+    if exc.args and isinstance(exc.args[0], dict):
+        err = exc.args[0]
+        return f"{err.get('M', 'error')} (SQLSTATE {err.get('C', '?')})"
+    return str(exc) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------- the function
+
+_committer: GroupCommitter | None = None
+_committer_pid: int | None = None
+_committer_lock = threading.Lock()
+
+
+def committer() -> GroupCommitter:
+    """This process's committer. Created lazily: gunicorn forks after importing the module,
+    and a thread started before the fork would not exist in the worker."""
+    global _committer, _committer_pid
+    pid = os.getpid()
+    if _committer is None or _committer_pid != pid:
+        with _committer_lock:
+            if _committer is None or _committer_pid != pid:
+                configure_logging()
+                _committer = GroupCommitter(load_settings())
+                _committer_pid = pid
+    return _committer
+
+
+def _json(status: int, body: dict[str, Any], **headers: str) -> tuple[str, int, dict[str, str]]:
+    # No `default=`: that would build a new encoder for every answer.
+    return json.dumps(body), status, {"Content-Type": "application/json", **headers}
+
+
+def _unavailable(reason: str, message: str) -> tuple[str, int, dict[str, str]]:
+    UNAVAILABLE.labels(reason).inc()
+    return _json(503, {"error": reason, "message": message}, **{"Retry-After": "1"})
+
+
+def _ensure_started(c: GroupCommitter) -> tuple[str, int, dict[str, str]] | None:
+    """The schema must exist before the first answer; None when it does."""
+    if c.schema_ready.is_set():
+        return None
+    try:
+        c.probe()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+        return _unavailable("database_unavailable", f"database unavailable: {_db_message(exc)}")
+    return None
+
+
+def write(request):
+    """functions-framework HTTP target: every path of the service lands here."""
+    c = committer()
+    path = request.path.rstrip("/") or "/"
+    if request.method == "GET":
+        if path == "/healthz":
+            ok = c.alive()
+            return _json(200 if ok else 503, {"status": "ok" if ok else "committer stopped"})
+        if path == "/metrics":
+            return metrics_response()
+        if path == "/readyz":
+            try:
+                c.probe()
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                return _json(503, {"status": "unavailable", "reason": _db_message(exc)})
+            return _json(200, {"status": "ready"})
+        return _json(404, {"error": "not_found", "message": f"no GET {path}"})
+    if request.method != "POST":
+        return _json(405, {"error": "method_not_allowed", "message": "deliveries are POSTed"})
+
+    not_ready = _ensure_started(c)
+    if not_ready is not None:
+        return not_ready
+    try:
+        event = parse_delivery(request.headers, request.get_data())
+        row = store.event_to_row(event)
+    except Rejection as rej:
+        REJECTIONS.labels(rej.reason).inc()
+        log.warning("rejected delivery: %s", rej.message, extra={"reason": rej.reason})
+        return _json(rej.status, rej.body())
+    except store.UnstorableEvent as exc:
+        REJECTIONS.labels("unstorable").inc()
+        return _json(422, {"error": "unstorable", "message": str(exc), "id": event.id})
+
+    item = c.submit(row)
+    if item.status == "stored":
+        return _json(201, {"status": "stored", "id": row.id})
+    if item.status == "duplicate":
+        return _json(200, {"status": "duplicate", "id": row.id})
+    if item.status == "rejected":
+        REJECTIONS.labels("database_refused").inc()
+        return _json(422, {"error": "database_refused", "message": item.detail, "id": row.id})
+    return _unavailable("database_unavailable", item.detail or "not stored")

@@ -1,0 +1,420 @@
+"""The writer function over real HTTP, fed as a KafkaSource feeds it, into real PostgreSQL."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from function_server import FunctionServer, request, settings_env
+from kafkasource import binary_delivery, wrapped_delivery
+from openg2p_audit import store
+from openg2p_audit.contract import AuditEvent
+from openg2p_audit.kafka_binding import encode
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def make_event(**overrides) -> AuditEvent:
+    raw = {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": "openg2p/registry",
+        "type": "org.openg2p.user.login",
+        "time": "2026-04-01T12:00:00Z",
+        "data": {
+            "actor": {"id": "user-1", "type": "user"},
+            "action": "login",
+            "outcome": "success",
+        },
+    }
+    data = overrides.pop("data", None)
+    raw.update(overrides)
+    if data is not None:
+        raw["data"] = data
+    return AuditEvent.model_validate(raw)
+
+
+def deliver(server: FunctionServer, event: AuditEvent):
+    headers, body = binary_delivery(encode(event))
+    return request(server.url, "POST", "/", body, headers)
+
+
+def rows(pg, *ids: str) -> list[dict]:
+    cols = [*store.COLUMNS, "ingested_at", "tableoid::regclass::text AS part"]
+    result = pg.run(
+        f"SELECT {', '.join(cols)} FROM audit_events WHERE id = ANY(:ids) ORDER BY id",
+        ids=list(ids),
+    )
+    names = [*store.COLUMNS, "ingested_at", "partition"]
+    return [dict(zip(names, r, strict=True)) for r in result]
+
+
+@pytest.fixture(scope="module")
+def writer(settings, tmp_path_factory):
+    log = tmp_path_factory.mktemp("writer") / "writer.log"
+    server = FunctionServer(
+        "functions/writer/main.py", "write", settings_env(settings), threads=16, log_path=log
+    )
+    with server:
+        yield server
+
+
+def test_binary_deliveries_become_rows_with_every_column(writer, pg):
+    plain = make_event(subject="user/user-1")
+    rich = make_event(
+        type="org.openg2p.payment.created",
+        time="2026-04-30T23:59:59.123456+02:00",
+        subject="beneficiary/42",
+        traceparent=TRACEPARENT,
+        data={
+            "actor": {"id": "officer-7", "type": "service", "name": "Disbursal", "roles": []},
+            "action": "create",
+            "outcome": "failure",
+            "reason": "insufficient funds",
+            "resource": {"type": "payment", "id": "pay-9", "amount": 125.5, "currency": "PHP"},
+            "changes": [{"field": "status", "from": "draft", "to": "failed"}],
+            "context": {"bank": "BDO"},
+            "program_id": "prog-3",
+            "note": "",
+            "tags": [],
+        },
+    )
+    empty_extras = make_event(
+        data={
+            "actor": {"id": "user-2", "type": "anonymous", "name": "", "roles": []},
+            "action": "view",
+            "outcome": "denied",
+            "resource": {"type": "beneficiary", "id": "b-1"},
+            "changes": [],
+            "context": {},
+            "comment": "",
+        }
+    )
+    for event in (plain, rich, empty_extras):
+        status, body, _ = deliver(writer, event)
+        assert (status, body) == (201, {"status": "stored", "id": event.id})
+
+    got = {r["id"]: r for r in rows(pg, plain.id, rich.id, empty_extras.id)}
+    now = datetime.now(UTC)
+
+    p = got[plain.id]
+    assert abs(now - p.pop("ingested_at")) < timedelta(minutes=5)
+    assert p == {
+        "id": plain.id,
+        "occurred_at": datetime(2026, 4, 1, 12, tzinfo=UTC),
+        "source": "openg2p/registry",
+        "type": "org.openg2p.user.login",
+        "subject": "user/user-1",
+        "actor_type": "user",
+        "actor_id": "user-1",
+        "resource_type": None,
+        "resource_id": None,
+        "action": "login",
+        "outcome": "success",
+        "reason": None,
+        "trace_id": None,
+        "details": None,
+        "partition": "audit_events_2026_04",
+    }
+
+    r = got[rich.id]
+    r.pop("ingested_at")
+    assert r == {
+        "id": rich.id,
+        # 23:59 at +02:00 on 30 April is still April in UTC
+        "occurred_at": datetime(2026, 4, 30, 21, 59, 59, 123456, tzinfo=UTC),
+        "source": "openg2p/registry",
+        "type": "org.openg2p.payment.created",
+        "subject": "beneficiary/42",
+        "actor_type": "service",
+        "actor_id": "officer-7",
+        "resource_type": "payment",
+        "resource_id": "pay-9",
+        "action": "create",
+        "outcome": "failure",
+        "reason": "insufficient funds",
+        "trace_id": "0af7651916cd43dd8448eb211c80319c",
+        "details": {
+            "actor": {"name": "Disbursal"},
+            "resource": {"amount": 125.5, "currency": "PHP"},
+            "changes": [{"field": "status", "from": "draft", "to": "failed"}],
+            "context": {"bank": "BDO"},
+            "program_id": "prog-3",
+        },
+        "partition": "audit_events_2026_04",
+    }
+
+    e = got[empty_extras.id]
+    assert (e["actor_type"], e["resource_type"], e["resource_id"], e["outcome"]) == (
+        "anonymous",
+        "beneficiary",
+        "b-1",
+        "denied",
+    )
+    assert e["details"] is None  # empty strings, lists and objects are not extras
+
+
+def test_the_event_trace_is_stored_not_the_dispatchers(writer, pg):
+    event = make_event(traceparent=TRACEPARENT)
+    headers, body = binary_delivery(encode(event))
+    assert headers["traceparent"] != TRACEPARENT  # the dispatcher's own span
+    assert request(writer.url, "POST", "/", body, headers)[0] == 201
+    assert rows(pg, event.id)[0]["trace_id"] == TRACEPARENT.split("-")[1]
+
+
+def test_sequential_duplicate_delivery_leaves_one_row(writer, pg):
+    event = make_event()
+    assert deliver(writer, event)[:2] == (201, {"status": "stored", "id": event.id})
+    assert deliver(writer, event)[:2] == (200, {"status": "duplicate", "id": event.id})
+    assert deliver(writer, event)[0] == 200
+    assert len(rows(pg, event.id)) == 1
+
+
+def test_concurrent_duplicate_delivery_leaves_one_row(writer, pg):
+    event = make_event()
+    with ThreadPoolExecutor(24) as pool:
+        statuses = list(pool.map(lambda _: deliver(writer, event)[0], range(24)))
+    assert sorted(statuses) == [200] * 23 + [201]
+    assert len(rows(pg, event.id)) == 1
+
+
+def test_same_id_at_another_time_is_another_row(writer, pg):
+    first = make_event()
+    later = make_event(id=first.id, time="2026-04-02T12:00:00Z")
+    assert deliver(writer, first)[0] == 201
+    assert deliver(writer, later)[0] == 201
+    assert len(rows(pg, first.id)) == 2
+
+
+def test_concurrent_distinct_deliveries_are_all_stored(writer, pg):
+    events = [make_event(data={"actor": {"id": f"u{i}"}, "action": "a", "outcome": "success"})
+              for i in range(64)]  # fmt: skip
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda e: deliver(writer, e)[:2], events))
+    assert answers == [(201, {"status": "stored", "id": e.id}) for e in events]
+    assert len(rows(pg, *(e.id for e in events))) == 64
+
+
+def test_event_for_a_month_without_partition_is_stored(writer, pg):
+    month = store.month_of(datetime(2019, 2, 1, tzinfo=UTC))
+    assert month not in store.list_partitions(pg)
+    event = make_event(time="2019-02-28T23:30:00-01:00")  # March 1st 00:30 UTC
+    assert deliver(writer, event)[0] == 201
+    stored = rows(pg, event.id)
+    assert stored[0]["partition"] == "audit_events_2019_03"
+    assert store.month_of(datetime(2019, 3, 1, tzinfo=UTC)) in store.list_partitions(pg)
+
+
+def test_record_wrapped_by_the_kafkasource_is_unwrapped(writer, pg):
+    inner = make_event(source="legacy/odoo", subject="beneficiary/7")
+    structured = {**inner.attributes(), "data": inner.data_json()}
+    headers, body = wrapped_delivery(json.dumps(structured).encode(), offset=17)
+    status, answer, _ = request(writer.url, "POST", "/", body, headers)
+    assert (status, answer) == (201, {"status": "stored", "id": inner.id})
+    (row,) = rows(pg, inner.id)
+    assert (row["source"], row["subject"], row["occurred_at"]) == (
+        "legacy/odoo",
+        "beneficiary/7",
+        inner.time,
+    )
+    # the same record delivered again is a duplicate, not a new row keyed by its offset
+    assert request(writer.url, "POST", "/", body, headers)[0] == 200
+    assert pg.run("SELECT count(*) FROM audit_events WHERE id LIKE 'partition:%'") == [[0]]
+
+
+def test_structured_mode_delivery_is_accepted_too(writer, pg):
+    event = make_event()
+    body = json.dumps({**event.attributes(), "data": event.data_json()}).encode()
+    headers = {"Content-Type": "application/cloudevents+json"}
+    assert request(writer.url, "POST", "/", body, headers)[:2] == (
+        201,
+        {"status": "stored", "id": event.id},
+    )
+    untimed = json.loads(body)
+    del untimed["time"]
+    untimed["id"] = "untimed"
+    status, answer, _ = request(writer.url, "POST", "/", json.dumps(untimed).encode(), headers)
+    assert (status, answer["error"]) == (422, "missing_time")
+    assert rows(pg, "untimed") == []
+
+
+def _rejected(writer, pg, headers, body, status, error):
+    before = pg.run("SELECT count(*) FROM audit_events")[0][0]
+    got, answer, resp_headers = request(writer.url, "POST", "/", body, headers)
+    assert got == status, answer
+    assert resp_headers["Content-Type"] == "application/json"
+    assert answer["error"] == error and answer["message"]
+    assert pg.run("SELECT count(*) FROM audit_events")[0][0] == before
+    return answer
+
+
+def test_malformed_deliveries_get_4xx_with_a_reason(writer, pg):
+    good_headers, good_body = binary_delivery(encode(make_event()))
+
+    # not a CloudEvent at all
+    _rejected(
+        writer, pg, {"Content-Type": "application/json"}, b'{"a": 1}', 400, "not_a_cloudevent"
+    )
+    # data that is not JSON
+    _rejected(writer, pg, good_headers, b"{not json", 400, "data_not_json")
+    # a contract violation names the field
+    bad = json.loads(good_body)
+    bad["outcome"] = "maybe"
+    answer = _rejected(writer, pg, good_headers, json.dumps(bad).encode(), 422, "invalid_event")
+    assert answer["errors"][0]["field"] == "data.outcome"
+    # no time: a redelivery could not be told from a new event
+    no_time = {k: v for k, v in good_headers.items() if k != "ce-time"}
+    _rejected(writer, pg, no_time, good_body, 422, "missing_time")
+    # a NUL character PostgreSQL cannot store
+    nul = json.loads(good_body)
+    nul["context"] = {"note": "a\u0000b"}
+    answer = _rejected(writer, pg, good_headers, json.dumps(nul).encode(), 422, "unstorable")
+    assert "NUL" in answer["message"]
+    # a wrapped record whose value is not a CloudEvent
+    headers, body = wrapped_delivery(b'{"hello": "world"}')
+    _rejected(writer, pg, headers, body, 422, "not_a_cloudevent")
+    # an id too long to index
+    long_headers = {**good_headers, "ce-id": "x" * 5000}
+    _rejected(writer, pg, long_headers, good_body, 422, "unstorable")
+
+
+def test_health_readiness_and_metrics(writer):
+    assert request(writer.url, "GET", "/healthz")[:2] == (200, {"status": "ok"})
+    assert request(writer.url, "GET", "/readyz")[:2] == (200, {"status": "ready"})
+    deliver(writer, make_event())
+    request(writer.url, "POST", "/", b"x", {"Content-Type": "text/plain"})
+    status, text, headers = request(writer.url, "GET", "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    for name in (
+        "audit_writer_rows_inserted_total",
+        "audit_writer_duplicates_total",
+        'audit_writer_rejections_total{reason="not_a_cloudevent"}',
+        "audit_writer_batch_size_bucket",
+        "audit_writer_commit_seconds_bucket",
+    ):
+        assert name in text
+    inserted = next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("audit_writer_rows_inserted_total ")
+    )
+    assert inserted >= 1
+
+
+def test_rows_of_one_batch_share_one_transaction(settings, pg):
+    """Group commit, in-process: rows queued together are one INSERT in one transaction."""
+    from openg2p_audit.writer import GroupCommitter, _Pending
+
+    committer = GroupCommitter(settings)
+    events = [make_event() for _ in range(10)]
+    items = [_Pending(store.event_to_row(e)) for e in events]
+    for item in items:
+        committer._queue.put(item)  # queued before the committer starts: one batch
+    committer._ensure_thread()
+    for item in items:
+        assert item.wait(30)
+    assert [i.status for i in items] == ["stored"] * 10
+    # now() is the transaction's start time: one value means one transaction
+    stamps = pg.run(
+        "SELECT count(DISTINCT ingested_at) FROM audit_events WHERE id = ANY(:ids)",
+        ids=[e.id for e in events],
+    )
+    assert stamps == [[1]]
+
+
+def test_one_refused_row_does_not_fail_its_batch(settings, pg):
+    from openg2p_audit.writer import GroupCommitter, _Pending
+
+    good = [make_event() for _ in range(3)]
+    rows_ = [store.event_to_row(e) for e in good]
+    # A row PostgreSQL refuses even though it passed our checks (constructed directly).
+    poison = dataclasses.replace(rows_[0], id="poison", details="{bad json")
+    committer = GroupCommitter(settings)
+    items = [_Pending(r) for r in [rows_[0], poison, rows_[1], rows_[2]]]
+    for item in items:
+        committer._queue.put(item)
+    committer._ensure_thread()
+    for item in items:
+        assert item.wait(30)
+    assert [i.status for i in items] == ["stored", "rejected", "stored", "stored"]
+    assert "invalid input syntax for type json" in items[1].detail
+    assert len(rows(pg, *(e.id for e in good))) == 3
+
+
+def test_store_helpers_months_and_names():
+    jan = datetime(2026, 1, 31, 23, 0, tzinfo=UTC)
+    assert store.month_of(jan).isoformat() == "2026-01-01"
+    assert store.month_of(jan.astimezone(timezone_plus(5))).isoformat() == "2026-01-01"
+    assert store.add_months(store.month_of(jan), 1).isoformat() == "2026-02-01"
+    assert store.add_months(store.month_of(jan), -13).isoformat() == "2024-12-01"
+    assert store.partition_name(store.month_of(jan)) == "audit_events_2026_01"
+    assert store.partition_month("audit_events_2026_01") == store.month_of(jan)
+    assert store.partition_month("audit_events_2026_13") is None
+    assert store.partition_month("audit_events") is None
+    start, end = store.month_bounds(store.month_of(datetime(2024, 12, 5, tzinfo=UTC)))
+    assert (start.isoformat(), end.isoformat()) == (
+        "2024-12-01T00:00:00+00:00",
+        "2025-01-01T00:00:00+00:00",
+    )
+
+
+def timezone_plus(hours: int):
+    from datetime import timezone
+
+    return timezone(timedelta(hours=hours))
+
+
+def test_concurrent_partition_creation_for_one_month(settings):
+    """Many processes' connections asking for the same new month at once: one creates it."""
+    conns = [store.connect(settings) for _ in range(6)]
+    try:
+        store.ensure_schema(conns[0])
+        month = store.month_of(datetime(2011, 6, 1, tzinfo=UTC))
+        store.forget_partitions(conns[0])
+        barrier = threading.Barrier(len(conns))
+        results: list[object] = [None] * len(conns)
+
+        def create(i):
+            barrier.wait()
+            try:
+                results[i] = store.ensure_partition(conns[i], month)
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion
+                results[i] = exc
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(len(conns))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(r in (True, False) for r in results), results
+        assert results.count(True) == 1
+        assert month in store.list_partitions(conns[0])
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_metrics_add_up_across_gunicorn_workers(settings, tmp_path):
+    env = {**settings_env(settings), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    events = [make_event() for _ in range(12)]
+    with FunctionServer("functions/writer/main.py", "write", env, workers=2, threads=4) as server:
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda e: deliver(server, e)[0], events))
+        assert statuses == [201] * 12
+        deliver(server, events[0])
+        text = request(server.url, "GET", "/metrics")[1]
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(("audit_writer_rows_inserted_total", "audit_writer_duplicates_total"))
+    }
+    assert values == {
+        "audit_writer_rows_inserted_total": 12.0,
+        "audit_writer_duplicates_total": 1.0,
+    }
