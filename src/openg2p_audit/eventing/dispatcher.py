@@ -183,7 +183,7 @@ class KafkaDispatcher:
             bootstrap_servers=self.bootstrap_servers, group_id=self.group, enable_auto_commit=False
         )
         try:
-            if admin.list_consumer_group_offsets(self.group):
+            if admin.list_group_offsets(self.group).get(self.group):
                 return
             tps = [
                 TopicPartition(t, p)
