@@ -97,7 +97,7 @@ def kafka_source(
         "kind": "KafkaSource",
         "metadata": {"name": name},
         "spec": {
-            "consumerGroup": group or f"{settings.kafka_consumer_group}.{name}.{uuid.uuid4().hex[:6]}",
+            "consumerGroup": group or _group(settings, name),
             "bootstrapServers": ["elsewhere:9092"],
             "topics": topics or [settings.kafka_events_topic],
             "initialOffset": "earliest",
@@ -108,6 +108,10 @@ def kafka_source(
     }
 
 
+def _group(settings: Settings, name: str) -> str:
+    return f"{settings.kafka_consumer_group}.{name}.{uuid.uuid4().hex[:6]}"
+
+
 def write_manifests(directory: Path, docs: list[dict]) -> Path:
     """One file per resource plus the kustomization listing them."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -116,10 +120,12 @@ def write_manifests(directory: Path, docs: list[dict]) -> Path:
         name = f"{i:02d}-{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
         (directory / name).write_text(yaml.safe_dump(doc, sort_keys=False))
         names.append(name)
-    (directory / "kustomization.yaml").write_text(
-        yaml.safe_dump({"apiVersion": "kustomize.config.k8s.io/v1beta1",
-                        "kind": "Kustomization", "resources": names})  # fmt: skip
-    )
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": names,
+    }
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return directory
 
 
