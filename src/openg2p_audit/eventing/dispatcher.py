@@ -36,6 +36,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from .binding import Event
@@ -183,7 +184,16 @@ class KafkaDispatcher:
             bootstrap_servers=self.bootstrap_servers, group_id=self.group, enable_auto_commit=False
         )
         try:
-            if admin.list_group_offsets(self.group).get(self.group):
+            deadline = time.monotonic() + 30
+            while True:
+                try:  # the group coordinator may still be coming up on a fresh broker
+                    have = admin.list_group_offsets(self.group).get(self.group)
+                    break
+                except KafkaError as exc:
+                    if not exc.retriable or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            if have:
                 return
             tps = [
                 TopicPartition(t, p)
