@@ -81,3 +81,28 @@ def record_cloudevent(cloud_event):
             "data": data if not isinstance(data, bytes) else data.decode("utf-8", "replace"),
         }
     )
+
+
+_producer = None
+
+
+def ingest(request: flask.Request):
+    """Stand-in ingest: any CloudEvent to KAFKA_EVENTS_TOPIC (binary mode), 202 once acked."""
+    from kafka import KafkaProducer
+
+    from openg2p_audit.eventing.binding import NotACloudEvent, from_http, to_kafka_binary
+
+    global _producer
+    if request.method == "GET":
+        return "ok", 200
+    try:
+        event = from_http(dict(request.headers), request.get_data())
+    except NotACloudEvent as exc:
+        return {"error": str(exc)}, 400
+    if _producer is None:
+        _producer = KafkaProducer(
+            bootstrap_servers=os.environ["KAFKA_BOOTSTRAP_SERVERS"], acks="all"
+        )
+    headers, value = to_kafka_binary(event)
+    _producer.send(os.environ["KAFKA_EVENTS_TOPIC"], value=value, headers=headers).get(timeout=10)
+    return "", 202
