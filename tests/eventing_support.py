@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from openg2p_audit.settings import Settings
 
@@ -219,6 +219,3 @@ def wait_committed(
 
 def headers_of(record: Any) -> dict[str, str]:
     return {k: (v or b"").decode() for k, v in record.headers}
-
-
-__all__ = ["TopicPartition"]

@@ -197,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     # functions report what matters themselves.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .eventing.manifests import ManifestError
+    from .eventing.services import ServiceError
+
+    try:
+        return args.func(args)
+    except (ManifestError, ServiceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -82,6 +82,13 @@ class DispatcherStats:
     outcomes: list[Outcome] = field(default_factory=list)  # the last few, newest last
 
 
+def _describe(tps: set[TopicPartition]) -> str:
+    by_topic: dict[str, list[int]] = {}
+    for tp in tps:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    return ", ".join(f"{t} {sorted(p)}" for t, p in sorted(by_topic.items())) or "none"
+
+
 class _Listener(ConsumerRebalanceListener):
     def __init__(self, owner: KafkaDispatcher):
         self.owner = owner
@@ -371,15 +378,12 @@ class KafkaDispatcher:
             self._busy.discard(tp)
             self._revoked_gen[tp] = self._revoked_gen.get(tp, 0) + 1
         self._assigned -= revoked
-        log.info("%s: partitions revoked %s", self.name, sorted(str(t) for t in revoked))
+        if revoked:
+            log.info("%s: partitions revoked: %s", self.name, _describe(revoked))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._assigned = set(assigned)
-        log.info(
-            "%s: partitions assigned %s",
-            self.name,
-            sorted(f"{t.topic}-{t.partition}" for t in assigned),
-        )
+        log.info("%s: partitions assigned: %s", self.name, _describe(assigned))
 
     # --- operator actions ------------------------------------------------------
 
