@@ -249,3 +249,18 @@ def test_redeliver_a_range_without_moving_the_group(runner, recorder, topics):
     assert [o.event_id for o in outcomes] == [event.id] and outcomes[0].delivered
     assert [e["attempt"] for e in recorder.for_id(event.id)] == [1, 2]
     assert committed(topics.bootstrap_servers, source.consumer_group) == before
+
+
+def test_a_crashed_dispatcher_redelivers_what_it_had_not_committed(runner, recorder, topics):
+    source = runner.manifests.get("KafkaSource", "ordered")
+    event = _event()
+    recorder.plan({"delay": {event.id: 1.5}})
+    _, offset = _produce_event(topics, event, partition=2)
+    recorder.wait(lambda es: any(e["id"] == event.id for e in es), what="the first attempt")
+    runner.stop_source("ordered", commit=False)  # dies while the subscriber is still working
+    assert not runner.sources["ordered"].running
+    recorder.plan({})
+    runner.start_source("ordered").wait_assigned()
+    recorder.wait(lambda es: len([e for e in es if e["id"] == event.id]) >= 2, what="redelivery")
+    wait_committed(topics.bootstrap_servers, source.consumer_group, topics.kafka_events_topic, 2,
+                   offset + 1)  # fmt: skip

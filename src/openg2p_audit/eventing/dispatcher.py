@@ -147,6 +147,7 @@ class KafkaDispatcher:
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self._last_commit = time.monotonic()
+        self._commit_on_stop = True
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -170,8 +171,14 @@ class KafkaDispatcher:
             time.sleep(0.05)
         raise TimeoutError(f"{self.name}: no partitions assigned within {timeout}s")
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop polling, let in-flight deliveries settle (bounded), commit, leave the group."""
+    def stop(self, timeout: float = 30.0, commit: bool = True) -> None:
+        """Stop polling, let in-flight deliveries settle (bounded), commit, leave the group.
+
+        `commit=False` is a crash: nothing more is committed, so whatever was
+        delivered since the last periodic commit is delivered again by the
+        next member, as when a dispatcher pod dies.
+        """
+        self._commit_on_stop = commit
         self.egress.stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -251,12 +258,13 @@ class KafkaDispatcher:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        deadline = time.monotonic() + 10
-        while self._in_flight and time.monotonic() < deadline:
-            self._drain_done(block=0.1)
-        self._drain_done()
-        with contextlib.suppress(Exception):
-            self._commit()
+        if self._commit_on_stop:
+            deadline = time.monotonic() + 10
+            while self._in_flight and time.monotonic() < deadline:
+                self._drain_done(block=0.1)
+            self._drain_done()
+            with contextlib.suppress(Exception):
+                self._commit()
         with contextlib.suppress(Exception):
             assert self._consumer is not None
             self._consumer.close(autocommit=False)

@@ -189,21 +189,35 @@ class Runner:
             if missing:
                 log.warning("%s: topic(s) %s do not exist yet; nothing to consume until they do",
                             source.key, ", ".join(missing))  # fmt: skip
-            dls = source.delivery.dead_letter_sink
-            dispatcher = kafka_source_dispatcher(
-                source,
-                bootstrap_servers=bootstrap,
-                destination=self.resolve(source.sink, f"{source.key} sink"),
-                dead_letter=self.resolve(dls, f"{source.key} deadLetterSink") if dls else None,
-                on_dead_letter_failure=self.on_dead_letter_failure,
-                commit_interval=self.commit_interval,
-            )
-            self.sources[source.name] = dispatcher.start()
-            log.info("%s: %s %s -> %s (group %s, %s, retry %d, backoff %s %.3fs)",
-                     source.key, ",".join(source.topics), "ordered" if dispatcher.ordered
-                     else "unordered", dispatcher.egress.destination, source.consumer_group,
-                     source.initial_offset, source.delivery.retry, source.delivery.backoff_policy,
-                     source.delivery.backoff_delay)  # fmt: skip
+            self.start_source(source.name)
+
+    def start_source(self, name: str) -> KafkaDispatcher:
+        """(Re)start one KafkaSource's dispatcher from its manifest; it joins its group anew."""
+        source = self.manifests.get("KafkaSource", name)
+        assert isinstance(source, KafkaSource)
+        old = self.sources.get(name)
+        if old is not None and old.running:
+            return old
+        dls = source.delivery.dead_letter_sink
+        dispatcher = kafka_source_dispatcher(
+            source,
+            bootstrap_servers=self.settings.bootstrap_servers,
+            destination=self.resolve(source.sink, f"{source.key} sink"),
+            dead_letter=self.resolve(dls, f"{source.key} deadLetterSink") if dls else None,
+            on_dead_letter_failure=self.on_dead_letter_failure,
+            commit_interval=self.commit_interval,
+        )
+        self.sources[name] = dispatcher.start()
+        log.info("%s: %s %s -> %s (group %s, %s, retry %d, backoff %s %.3fs)",
+                 source.key, ",".join(source.topics), "ordered" if dispatcher.ordered
+                 else "unordered", dispatcher.egress.destination, source.consumer_group,
+                 source.initial_offset, source.delivery.retry, source.delivery.backoff_policy,
+                 source.delivery.backoff_delay)  # fmt: skip
+        return dispatcher
+
+    def stop_source(self, name: str, commit: bool = True) -> None:
+        """Stop one KafkaSource; `commit=False` simulates a dispatcher crash."""
+        self.sources[name].stop(commit=commit)
 
     def _start_triggers(self, bootstrap: list[str]) -> None:
         for trigger in self.manifests.of(Trigger):
