@@ -213,3 +213,47 @@ def test_not_a_cloudevent():
         binding.from_http({"Content-Type": "application/json"}, b"{}")
     with pytest.raises(binding.NotACloudEvent, match="id"):
         binding.from_kafka([("ce_specversion", b"1.0"), ("ce_source", b"s")], b"")
+
+
+def test_ping_schedule_follows_the_manifest_time_zone():
+    from datetime import UTC, datetime
+
+    from openg2p_audit.eventing.pingsource import PingScheduler, ping_event
+
+    ping = PingSource("PingSource", "v1", "p", "ns", "", {}, schedule="0 * * * *")
+    ping.timezone, ping.content_type, ping.data = "Asia/Kolkata", "application/json", b"{}"
+    sched = PingScheduler(ping, "http://127.0.0.1:9")
+    nxt = sched.next_fire(datetime(2026, 4, 1, 12, 10, tzinfo=UTC))
+    assert nxt.astimezone(UTC) == datetime(2026, 4, 1, 12, 30, tzinfo=UTC)  # UTC+05:30
+    event = ping_event(ping)
+    assert event["type"] == "dev.knative.sources.ping"
+    assert event["source"] == "/apis/v1/namespaces/ns/pingsources/p"
+    assert event["datacontenttype"] == "application/json" and event.data == b"{}"
+    with pytest.raises(ManifestError):
+        PingScheduler(PingSource("PingSource", "v1", "p", "ns", "", {}, schedule="61 * * * *"), "u")
+
+
+class _Record:
+    def __init__(self, value, headers, key=None, partition=3, offset=7, topic="t"):
+        self.value, self.headers, self.key = value, headers, key
+        self.partition, self.offset, self.topic, self.timestamp = partition, offset, topic, 0
+
+
+def test_record_mapping_structured_wrapped_and_overrides():
+    from openg2p_audit.eventing.kafkasource import record_to_event
+
+    src = KafkaSource("KafkaSource", "v1", "s", "ns", "", {}, ce_overrides={"origin": "kafka"})
+    structured = _Record(
+        b'{"specversion":"1.0","id":"x","source":"s","type":"t","data":{"a":1}}',
+        [("content-type", b"application/cloudevents+json; charset=utf-8")],
+    )
+    ev = record_to_event(structured, src)
+    assert ev.id == "x" and ev.data == b'{"a":1}' and ev["origin"] == "kafka"
+    src.key_type = "int"
+    wrapped = record_to_event(_Record(None, [], key=(300).to_bytes(4, "big")), src)
+    assert wrapped["key"] == "300" and wrapped["partitionkey"] == "300"
+    assert wrapped.id == "partition:3/offset:7" and wrapped.data is None
+    assert wrapped["time"] == "1970-01-01T00:00:00.000Z"
+    # a record claiming to be a CloudEvent but missing attributes is wrapped, not lost
+    broken = record_to_event(_Record(b"v", [("ce_specversion", b"1.0")]), src)
+    assert broken.type == "dev.knative.kafka.event" and broken["kafkaheadercespecversion"] == "1.0"

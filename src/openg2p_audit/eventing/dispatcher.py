@@ -244,14 +244,20 @@ class KafkaDispatcher:
         consumer = self._consumer
         try:
             while not self.egress.stopping.is_set():
-                self._run_control()
-                batch = consumer.poll(timeout_ms=100)
-                for tp, records in batch.items():
-                    self._dispatch(tp, records)
-                self._drain_done()
-                self._apply_backpressure()
-                if time.monotonic() - self._last_commit >= self.commit_interval:
-                    self._commit()
+                try:
+                    self._run_control()
+                    batch = consumer.poll(timeout_ms=100)
+                    for tp, records in batch.items():
+                        self._dispatch(tp, records)
+                    self._drain_done()
+                    self._apply_backpressure()
+                    if time.monotonic() - self._last_commit >= self.commit_interval:
+                        self._commit()
+                except KafkaError as exc:
+                    # Broker gone or group rebalancing: what is settled stays tracked and
+                    # is committed on a later round; nothing is skipped.
+                    log.warning("%s: Kafka error, carrying on: %r", self.name, exc)
+                    self.egress.stopping.wait(0.5)
         except Exception:
             log.exception("%s: consumer loop failed", self.name)
         finally:
