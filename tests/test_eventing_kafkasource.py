@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
 from eventing_support import (
     Recorder,
@@ -264,3 +265,21 @@ def test_a_crashed_dispatcher_redelivers_what_it_had_not_committed(runner, recor
     recorder.wait(lambda es: len([e for e in es if e["id"] == event.id]) >= 2, what="redelivery")
     wait_committed(topics.bootstrap_servers, source.consumer_group, topics.kafka_events_topic, 2,
                    offset + 1)  # fmt: skip
+
+
+def test_every_record_of_a_burst_over_all_partitions_is_delivered(runner, recorder, topics):
+    """A burst fills several partitions' fetches at once; none may stall (regression)."""
+    source = runner.manifests.get("KafkaSource", "ordered")
+    topic = topics.kafka_events_topic
+    records = [(f"k{i}".encode(), b"burst", None) for i in range(150)]
+    producer_offsets = produce(topics.bootstrap_servers, topic, records, partition=None)
+    assert len(producer_offsets) == 150
+    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap_servers)
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        ends = consumer.end_offsets(tps)
+    finally:
+        consumer.close()
+    for tp, end in ends.items():
+        wait_committed(topics.bootstrap_servers, source.consumer_group, topic, tp.partition,
+                       end, 60)  # fmt: skip

@@ -17,9 +17,12 @@ eventing-kafka-broker (`OrderedConsumerVerticle`, `UnorderedConsumerVerticle`,
   revoked and when the dispatcher stops (Knative: every 5 s by default).
 
 kafka-python's consumer is not thread-safe: one thread owns it and polls;
-deliveries run on worker threads and report back through a queue.
-Partitions are paused (not starved) while their work is in flight so that
-the group membership stays alive however slow the subscriber is.
+deliveries run on worker threads and report back through a queue. Backpressure
+is applied by polling no more than the backlog allows, not with
+pause()/resume(): kafka-python 3.0.12 can leave a resumed partition's parked
+fetch unreturned forever, which silently stalls the partition. While the
+backlog is full the thread still polls for one record now and then, so the
+group membership stays alive however slow the subscriber is.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +47,8 @@ from .binding import Event
 from .delivery import Egress, Outcome
 
 log = logging.getLogger(__name__)
+
+KEEPALIVE_POLL = 30.0  # seconds: poll for one record even when the backlog is full
 
 # A record's Event, or None to skip it (e.g. a Trigger filter did not match).
 RecordMapper = Callable[[Any], Event]
@@ -117,6 +123,7 @@ class KafkaDispatcher:
         event_filter: EventFilter | None = None,
         commit_interval: float = 5.0,
         max_in_flight: int = 50,
+        max_buffered: int = 500,
         partition_workers: int = 16,
     ):
         self.name = name
@@ -130,6 +137,8 @@ class KafkaDispatcher:
         self.event_filter = event_filter
         self.commit_interval = commit_interval
         self.max_in_flight = max_in_flight
+        # ordered: records fetched but not settled, all partitions (Kafka's max.poll.records)
+        self.max_backlog = max_buffered if ordered else max_in_flight
         self.stats = DispatcherStats()
         self._workers = ThreadPoolExecutor(
             max_workers=partition_workers if ordered else max_in_flight,
@@ -139,7 +148,9 @@ class KafkaDispatcher:
         self._control: queue.Queue[Callable[[], None]] = queue.Queue()
         self._trackers: dict[TopicPartition, OffsetTracker] = {}
         self._assigned: set[TopicPartition] = set()
-        self._busy: set[TopicPartition] = set()  # ordered: partitions with a batch in flight
+        self._queues: dict[TopicPartition, deque[Any]] = {}  # ordered: per-partition backlog
+        self._queues_lock = threading.Lock()
+        self._last_poll = time.monotonic()
         self._revoked_gen: dict[TopicPartition, int] = {}
         self._in_flight = 0
         self._consumer: KafkaConsumer | None = None
@@ -231,7 +242,7 @@ class KafkaDispatcher:
                 client_id=f"openg2p-audit-runner-{self.name}",
                 enable_auto_commit=False,
                 auto_offset_reset=self.initial_offset,
-                max_poll_records=self.max_in_flight,
+                max_poll_records=self.max_backlog,
                 session_timeout_ms=10000,
                 heartbeat_interval_ms=1000,
             )
@@ -246,11 +257,15 @@ class KafkaDispatcher:
             while not self.egress.stopping.is_set():
                 try:
                     self._run_control()
-                    batch = consumer.poll(timeout_ms=100)
-                    for tp, records in batch.items():
-                        self._dispatch(tp, records)
-                    self._drain_done()
-                    self._apply_backpressure()
+                    room = self.max_backlog - self._in_flight
+                    if room > 0 or time.monotonic() - self._last_poll > KEEPALIVE_POLL:
+                        self._last_poll = time.monotonic()
+                        batch = consumer.poll(timeout_ms=100, max_records=max(room, 1))
+                        for tp, records in batch.items():
+                            self._dispatch(tp, records)
+                        self._drain_done()
+                    else:
+                        self._drain_done(block=0.05)
                     if time.monotonic() - self._last_commit >= self.commit_interval:
                         self._commit()
                 except KafkaError as exc:
@@ -288,26 +303,34 @@ class KafkaDispatcher:
             return
         self._trackers.setdefault(tp, OffsetTracker(records[0].offset))
         self.stats.received += len(records)
-        gen = self._revoked_gen.get(tp, 0)
-        if self.ordered:
-            self._busy.add(tp)
-            self._consumer.pause(tp)
-            self._in_flight += len(records)
-            self._workers.submit(self._deliver_batch, tp, records, gen)
-        else:
+        self._in_flight += len(records)
+        if not self.ordered:
             for record in records:
-                self._in_flight += 1
                 self._workers.submit(self._deliver_one, tp, record)
+            return
+        with self._queues_lock:
+            backlog = self._queues.get(tp)
+            start_worker = backlog is None
+            if start_worker:
+                backlog = self._queues[tp] = deque()
+            backlog.extend(records)
+        if start_worker:
+            self._workers.submit(self._drain_partition, tp, self._revoked_gen.get(tp, 0))
 
-    def _deliver_batch(self, tp: TopicPartition, records: list[Any], gen: int) -> None:
-        for i, record in enumerate(records):
-            if self.egress.stopping.is_set() or self._revoked_gen.get(tp, 0) != gen:
-                # Revoked or stopping: the rest is someone else's (or the next run's) job.
-                for rest in records[i:]:
-                    self._done.put((tp, rest.offset, None))
-                break
+    def _drain_partition(self, tp: TopicPartition, gen: int) -> None:
+        """Ordered: deliver one partition's backlog, one record at a time, until it is empty."""
+        while True:
+            with self._queues_lock:
+                backlog = self._queues.get(tp)
+                if not backlog or self._revoked_gen.get(tp, 0) != gen:
+                    if backlog is not None and self._revoked_gen.get(tp, 0) == gen:
+                        del self._queues[tp]
+                    return
+                record = backlog.popleft()
+            if self.egress.stopping.is_set():
+                self._done.put((tp, record.offset, None))
+                continue
             self._done.put((tp, record.offset, self._deliver(record)))
-        self._done.put((tp, None, None))  # batch finished: resume the partition
 
     def _deliver_one(self, tp: TopicPartition, record: Any) -> None:
         self._done.put((tp, record.offset, self._deliver(record)))
@@ -332,11 +355,6 @@ class KafkaDispatcher:
             except queue.Empty:
                 return
             block = None
-            if offset is None:  # an ordered batch ended
-                self._busy.discard(tp)
-                if tp in self._assigned and not self.egress.stopping.is_set():
-                    self._consumer.resume(tp)
-                continue
             self._in_flight -= 1
             if outcome is None:
                 continue
@@ -353,14 +371,6 @@ class KafkaDispatcher:
         s.filtered += outcome.filtered
         s.outcomes.append(outcome)
         del s.outcomes[:-200]
-
-    def _apply_backpressure(self) -> None:
-        if self.ordered or self._consumer is None:
-            return
-        if self._in_flight >= self.max_in_flight:
-            self._consumer.pause(*self._assigned)
-        else:
-            self._consumer.resume(*self._assigned)
 
     def _commit(self, only: set[TopicPartition] | None = None) -> None:
         self._last_commit = time.monotonic()
@@ -389,8 +399,10 @@ class KafkaDispatcher:
             log.warning("%s: commit on revoke failed: %s", self.name, exc)
         for tp in revoked:
             self._trackers.pop(tp, None)
-            self._busy.discard(tp)
-            self._revoked_gen[tp] = self._revoked_gen.get(tp, 0) + 1
+            with self._queues_lock:
+                self._revoked_gen[tp] = self._revoked_gen.get(tp, 0) + 1
+                dropped = self._queues.pop(tp, None) or ()
+            self._in_flight -= len(dropped)  # the next owner delivers these
         self._assigned -= revoked
         if revoked:
             log.info("%s: partitions revoked: %s", self.name, _describe(revoked))
@@ -409,6 +421,10 @@ class KafkaDispatcher:
         def _seek() -> None:
             tp = TopicPartition(topic, partition)
             if tp in self._assigned:
+                with self._queues_lock:
+                    self._revoked_gen[tp] = self._revoked_gen.get(tp, 0) + 1
+                    dropped = self._queues.pop(tp, None) or ()
+                self._in_flight -= len(dropped)
                 self._consumer.seek(tp, offset)
                 self._trackers[tp] = OffsetTracker(offset)
             done.set()
