@@ -124,7 +124,7 @@ class KafkaDispatcher:
         commit_interval: float = 5.0,
         max_in_flight: int = 50,
         max_buffered: int = 500,
-        partition_workers: int = 16,
+        partition_workers: int = 64,
     ):
         self.name = name
         self.bootstrap_servers = bootstrap_servers
