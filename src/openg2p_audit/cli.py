@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import threading
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,8 +44,61 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_event() -> dict:
+    from datetime import UTC, datetime
+
+    return {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": "/openg2p/dev-up",
+        "type": "org.openg2p.audit.user.login",
+        "subject": "user/dev",
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "datacontenttype": "application/json",
+        "data": {"actor": {"type": "user", "id": "dev"}, "action": "login", "outcome": "success"},
+    }
+
+
+def _function_service(runner, target: str) -> str | None:
+    from .eventing.manifests import KService
+
+    for svc in runner.manifests.of(KService):
+        if svc.env_value("FUNCTION_TARGET") == target:
+            return svc.name
+    return None
+
+
+def _print_dev_up(runner, live, cli: str) -> None:
+    status = runner.status()
+    print("\nservices (Knative Service -> local functions-framework):")
+    for name, url in status["services"].items():
+        print(f"  {name:24s} {url}   log: {runner.services[name].log_path}")
+    for name, url in status["brokers"].items():
+        print(f"  Broker {name:17s} {url}")
+    for name, url in status["sinks"].items():
+        print(f"  KafkaSink {name:14s} {url}")
+    for name, src in status["kafkasources"].items():
+        print(f"  KafkaSource {name:12s} {','.join(src['topics'])} -> {src['destination']}")
+    for name, ping in status["pingsources"].items():
+        print(f"  PingSource {name:13s} '{ping['schedule']}', next {ping['next']}")
+        print(f"      fire now: curl -X POST {ping['fire']}")
+    print(f"  runner status: {status['url']}/status")
+    print(f"Kafka {live.kafka_bootstrap_servers}   PostgreSQL {live.database_dsn}")
+    ingest = _function_service(runner, "ingest")
+    if ingest:
+        body = json.dumps(_sample_event(), separators=(",", ":"))
+        print("\nsend one audit event (structured mode) to ingest:")
+        print(f"  curl -i {runner.service_url(ingest)}/ \\")
+        print("    -H 'Content-Type: application/cloudevents+json' \\")
+        print(f"    -d '{body}'")
+    print("\nsee it arrive: the runner logs a line when the writer answers 2xx, and")
+    print(f"  DATABASE_URL='{runner._database_url()}' {cli} query")
+    print("\nready. Ctrl-C stops everything.", flush=True)
+
+
 def _cmd_dev_up(args: argparse.Namespace) -> int:
     from .devservices import local_services
+    from .eventing.runner import REPO_ROOT, Runner
     from .topics import ensure_topics
 
     settings = load_settings()
@@ -53,19 +107,26 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
     workdir = (
         Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="openg2p-audit-"))
     )
+    manifests = Path(args.manifests) if args.manifests else REPO_ROOT / "knative" / "base"
     print(f"starting local services in {workdir} ...", flush=True)
     with local_services(settings, workdir) as (live, _kafka, _pg):
         ensure_topics(live)
-        print(f"Kafka:      {live.kafka_bootstrap_servers}")
-        print(f"PostgreSQL: {live.database_dsn}")
-        print(f"Topics:     {live.kafka_events_topic}, {live.kafka_dlq_topic}")
-        print("ready. Ctrl-C stops everything.", flush=True)
+        runner = Runner(
+            manifests, live, workdir=workdir / "runner", port=args.port,
+            commit_interval=args.commit_interval,
+        )  # fmt: skip
         try:
+            runner.start()
+            runner.wait_ready()
+            _print_dev_up(runner, live, Path(sys.argv[0]).name or "openg2p-audit")
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
             pass
-        print("stopping ...", flush=True)
+        finally:
+            print("stopping ...", flush=True)
+            runner.stop()
+    print("stopped.", flush=True)
     return 0
 
 
@@ -97,6 +158,51 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_query(args: argparse.Namespace) -> int:
+    """Recent audit rows, newest first, as JSON lines: no psql needed."""
+    import pg8000.native
+
+    settings = load_settings()
+    conn = pg8000.native.Connection(**settings.pg_connect_kwargs)
+    try:
+        columns = [
+            r[0]
+            for r in conn.run(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = :t "
+                "ORDER BY ordinal_position",
+                t=args.table,
+            )
+        ]
+        if not columns:
+            print(
+                f"no table {args.table} in {settings.database_dsn} yet "
+                "(the writer creates it with its first event)",
+                file=sys.stderr,
+            )
+            return 1
+        table = pg8000.native.identifier(args.table)
+        order = next((c for c in _ORDER_COLUMNS if c in columns), None)
+        sql = f"SELECT * FROM {table}"
+        params: dict = {}
+        if args.id:
+            sql += " WHERE id = :id"
+            params["id"] = args.id
+        if order:
+            sql += f" ORDER BY {pg8000.native.identifier(order)} DESC"
+        sql += " LIMIT :n"
+        rows = conn.run(sql, n=args.limit, **params)
+        names = [c["name"] for c in conn.columns]
+        for row in rows:
+            print(json.dumps(dict(zip(names, row, strict=True)), default=str, ensure_ascii=False))
+        print(f"({len(rows)} row(s) from {settings.database_dsn})", file=sys.stderr)
+    finally:
+        conn.close()
+    return 0
+
+
+_ORDER_COLUMNS = ("recorded_at", "ingested_at", "received_at", "occurred_at", "time", "created_at")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openg2p-audit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,7 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)
     up = dev_sub.add_parser("up", help="start Kafka, PostgreSQL and the functions")
     up.add_argument("--workdir", help="folder for local service data (default: a new temp dir)")
+    up.add_argument("--manifests", help="kustomization folder to run (default: knative/base)")
+    up.add_argument("--port", type=int, default=0, help="runner port (Broker/KafkaSink ingress)")
+    up.add_argument(
+        "--commit-interval", type=float, default=5.0, help="seconds between offset commits"
+    )
     up.set_defaults(func=_cmd_dev_up)
+
+    query = sub.add_parser("query", help="print recent audit rows (DATABASE_URL / DB_*)")
+    query.add_argument("--limit", type=int, default=10)
+    query.add_argument("--id", help="only the row(s) with this event id")
+    query.add_argument("--table", default="audit_events")
+    query.set_defaults(func=_cmd_query)
 
     topics = sub.add_parser("topics", help="create or grow the events and DLQ topics")
     topics.set_defaults(func=_cmd_topics)
@@ -139,8 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # kafka-python logs every refused connection while a broker starts; the runner and the
+    # functions report what matters themselves.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .eventing.manifests import ManifestError
+    from .eventing.services import ServiceError
+
+    try:
+        return args.func(args)
+    except (ManifestError, ServiceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

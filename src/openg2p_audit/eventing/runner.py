@@ -1,0 +1,393 @@
+"""The local eventing runner: the `knative/` manifests, run on one machine.
+
+Reads a kustomization, starts every Knative Service as a functions-framework
+process, and wires them together exactly as the manifests say: KafkaSources
+and Triggers as Kafka consumer groups delivering over HTTP, KafkaSinks and
+the Broker ingress as producers behind one local HTTP endpoint, PingSources
+on their cron schedules.
+
+The runner's own HTTP endpoint (`Runner.url`) serves:
+
+- `POST /<namespace>/<name>`: the ingress of a Broker or KafkaSink
+  (binary or structured CloudEvents; 202 once in Kafka);
+- `POST /pingsources/<name>/fire`: send one ping now;
+- `POST /kafkasources/<name>/redeliver?partition=P&start=S[&end=E][&topic=T]`;
+- `GET /status`: URLs, ports and delivery counters, as JSON;
+- `GET /healthz`.
+
+Everything here talks to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urljoin, urlsplit
+
+from kafka import KafkaAdminClient
+
+from ..settings import Settings
+from .broker import broker_topic, trigger_dispatcher, trigger_filter
+from .delivery import Outcome
+from .dispatcher import KafkaDispatcher
+from .kafkasink import TopicWriter, ensure_topic
+from .kafkasource import kafka_source_dispatcher
+from .manifests import (
+    Broker,
+    Destination,
+    KafkaSink,
+    KafkaSource,
+    KService,
+    ManifestError,
+    Manifests,
+    PingSource,
+    Trigger,
+    load,
+)
+from .pingsource import PingScheduler
+from .services import ServiceProcess, container_env
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class Runner:
+    """Start with `start()` (or `with Runner(...) as r:`); `stop()` ends every process it began."""
+
+    def __init__(
+        self,
+        manifest_dir: str | Path,
+        settings: Settings,
+        *,
+        workdir: str | Path,
+        repo_root: str | Path | None = None,
+        port: int = 0,
+        commit_interval: float = 5.0,
+        on_dead_letter_failure: str = "retry",
+        schedule_pings: bool = True,
+        service_ports: dict[str, int] | None = None,
+    ):
+        self.manifests: Manifests = load(manifest_dir)
+        self.settings = settings
+        self.workdir = Path(workdir)
+        self.repo_root = Path(repo_root) if repo_root else REPO_ROOT
+        self.commit_interval = commit_interval
+        self.on_dead_letter_failure = on_dead_letter_failure
+        self.schedule_pings = schedule_pings
+        self._service_ports = dict(service_ports or {})
+        self._port = port
+        self.services: dict[str, ServiceProcess] = {}
+        self.sinks: dict[str, TopicWriter] = {}
+        self.brokers: dict[str, TopicWriter] = {}
+        self.sources: dict[str, KafkaDispatcher] = {}
+        self.triggers: dict[str, KafkaDispatcher] = {}
+        self.pings: dict[str, PingScheduler] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._server_thread: threading.Thread | None = None
+
+    # --- addresses ---------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "runner not started"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def service_url(self, name: str) -> str:
+        return self.services[name].url
+
+    def service_port(self, name: str) -> int:
+        return self.services[name].port
+
+    def broker_url(self, name: str) -> str:
+        broker = self.manifests.get("Broker", name)
+        return f"{self.url}/{broker.namespace}/{broker.name}"
+
+    def sink_url(self, name: str) -> str:
+        sink = self.manifests.get("KafkaSink", name)
+        return f"{self.url}/{sink.namespace}/{sink.name}"
+
+    def resolve(self, dest: Destination, where: str) -> str:
+        """A Destination as a local URL."""
+        if dest.ref is None:
+            assert dest.uri is not None
+            return dest.uri
+        ref = dest.ref
+        if ref.kind == "Service" and ref.api_version.startswith("serving.knative.dev"):
+            if ref.name not in self.services:
+                raise ManifestError(f"{where}: Service {ref.name} is not in the manifests")
+            base = self.services[ref.name].url
+        elif ref.kind in ("KafkaSink", "Broker"):
+            res = self.manifests.get(ref.kind, ref.name)
+            base = f"{self.url}/{res.namespace}/{res.name}"
+        else:
+            raise ManifestError(f"{where}: the runner cannot resolve a ref to {ref.kind}")
+        return urljoin(base + "/", dest.uri.lstrip("/")) if dest.uri else base
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> Runner:
+        self.manifests.report(log)
+        bootstrap = self.settings.bootstrap_servers
+        try:
+            self._start_server()
+            for svc in self.manifests.of(KService):
+                env = container_env(svc, self.manifests)
+                env["KAFKA_BOOTSTRAP_SERVERS"] = self.settings.kafka_bootstrap_servers or ""
+                if self.settings.database_configured:
+                    env["DATABASE_URL"] = self._database_url()
+                self.services[svc.name] = ServiceProcess(
+                    svc, env, repo_root=self.repo_root, log_dir=self.workdir / "logs",
+                    port=self._service_ports.get(svc.name),
+                )  # fmt: skip
+            for proc in self.services.values():
+                proc.start()
+            for sink in self.manifests.of(KafkaSink):
+                ensure_topic(bootstrap, sink.topic, sink.num_partitions or 1)
+                self.sinks[sink.name] = TopicWriter(
+                    sink.key, bootstrap, sink.topic, sink.content_mode
+                )
+            for broker in self.manifests.of(Broker):
+                if broker.broker_class != "Kafka":
+                    log.info("%s: class %s runs locally as a Kafka broker", broker.key,
+                             broker.broker_class)  # fmt: skip
+                ensure_topic(bootstrap, broker_topic(broker), 1)
+                self.brokers[broker.name] = TopicWriter(
+                    broker.key, bootstrap, broker_topic(broker), "binary"
+                )
+            self._start_triggers(bootstrap)
+            self._start_sources(bootstrap)
+            for ping in self.manifests.of(PingSource):
+                sched = PingScheduler(ping, self.resolve(ping.sink, f"{ping.key} sink"))
+                self.pings[ping.name] = sched.start() if self.schedule_pings else sched
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _database_url(self) -> str:
+        kw = self.settings.pg_connect_kwargs
+        if self.settings.database_url:
+            return self.settings.database_url
+        auth = kw["user"] + (f":{kw['password']}" if kw["password"] else "")
+        return f"postgresql://{auth}@{kw['host']}:{kw['port']}/{kw['database']}"
+
+    def _start_sources(self, bootstrap: list[str]) -> None:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+        try:
+            existing = set(admin.list_topics())
+        finally:
+            admin.close()
+        for source in self.manifests.of(KafkaSource):
+            missing = [t for t in source.topics if t not in existing]
+            if missing:
+                log.warning("%s: topic(s) %s do not exist yet; nothing to consume until they do",
+                            source.key, ", ".join(missing))  # fmt: skip
+            self.start_source(source.name)
+
+    def start_source(self, name: str) -> KafkaDispatcher:
+        """(Re)start one KafkaSource's dispatcher from its manifest; it joins its group anew."""
+        source = self.manifests.get("KafkaSource", name)
+        assert isinstance(source, KafkaSource)
+        old = self.sources.get(name)
+        if old is not None and old.running:
+            return old
+        dls = source.delivery.dead_letter_sink
+        dispatcher = kafka_source_dispatcher(
+            source,
+            bootstrap_servers=self.settings.bootstrap_servers,
+            destination=self.resolve(source.sink, f"{source.key} sink"),
+            dead_letter=self.resolve(dls, f"{source.key} deadLetterSink") if dls else None,
+            on_dead_letter_failure=self.on_dead_letter_failure,
+            commit_interval=self.commit_interval,
+        )
+        self.sources[name] = dispatcher.start()
+        log.info("%s: %s %s -> %s (group %s, %s, retry %d, backoff %s %.3fs)",
+                 source.key, ",".join(source.topics), "ordered" if dispatcher.ordered
+                 else "unordered", dispatcher.egress.destination, source.consumer_group,
+                 source.initial_offset, source.delivery.retry, source.delivery.backoff_policy,
+                 source.delivery.backoff_delay)  # fmt: skip
+        return dispatcher
+
+    def stop_source(self, name: str, commit: bool = True) -> None:
+        """Stop one KafkaSource; `commit=False` simulates a dispatcher crash."""
+        self.sources[name].stop(commit=commit)
+
+    def _start_triggers(self, bootstrap: list[str]) -> None:
+        for trigger in self.manifests.of(Trigger):
+            broker = self.manifests.find("Broker", trigger.broker)
+            if not isinstance(broker, Broker):
+                log.warning("%s: broker %s is not in the manifests; trigger not started",
+                            trigger.key, trigger.broker)  # fmt: skip
+                continue
+            try:
+                trigger_filter(trigger)
+            except ManifestError as exc:
+                log.warning("%s: %s; trigger not started", trigger.key, exc)
+                continue
+            delivery = trigger.delivery or broker.delivery
+            dls = delivery.dead_letter_sink if delivery else None
+            dispatcher = trigger_dispatcher(
+                trigger, broker, bootstrap_servers=bootstrap,
+                destination=self.resolve(trigger.subscriber, f"{trigger.key} subscriber"),
+                dead_letter=self.resolve(dls, f"{trigger.key} deadLetterSink") if dls else None,
+                on_dead_letter_failure=self.on_dead_letter_failure,
+                commit_interval=self.commit_interval,
+            )  # fmt: skip
+            self.triggers[trigger.name] = dispatcher.start()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every source and trigger owns its partitions."""
+        for dispatcher in [*self.sources.values(), *self.triggers.values()]:
+            dispatcher.wait_assigned(timeout)
+
+    def stop(self) -> None:
+        """Stop sources first (they commit what is settled), then sinks, services, the server."""
+        for group in (self.pings, self.sources, self.triggers):
+            for item in group.values():
+                with contextlib.suppress(Exception):
+                    item.stop()
+        for writer in [*self.sinks.values(), *self.brokers.values()]:
+            with contextlib.suppress(Exception):
+                writer.close()
+        for proc in self.services.values():
+            with contextlib.suppress(Exception):
+                proc.stop()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> Runner:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- operator and test actions -------------------------------------------------
+
+    def stop_service(self, name: str) -> None:
+        self.services[name].stop()
+
+    def kill_service(self, name: str) -> None:
+        self.services[name].kill()
+
+    def start_service(self, name: str) -> None:
+        self.services[name].start()
+
+    def fire_ping(self, name: str) -> Outcome:
+        return self.pings[name].fire()
+
+    def redeliver(
+        self, source: str, partition: int, start: int, end: int | None = None,
+        topic: str | None = None,
+    ) -> list[Outcome]:  # fmt: skip
+        dispatcher = self.sources[source]
+        return dispatcher.redeliver(topic or dispatcher.topics[0], partition, start, end)
+
+    def rewind(self, source: str, partition: int, offset: int, topic: str | None = None) -> None:
+        dispatcher = self.sources[source]
+        dispatcher.rewind(topic or dispatcher.topics[0], partition, offset)
+
+    def status(self) -> dict[str, Any]:
+        def counters(d: KafkaDispatcher) -> dict[str, Any]:
+            s = d.stats
+            return {
+                "group": d.group, "topics": d.topics, "destination": d.egress.destination,
+                "received": s.received, "delivered": s.delivered,
+                "dead_lettered": s.dead_lettered, "dropped": s.dropped, "filtered": s.filtered,
+            }  # fmt: skip
+
+        return {
+            "url": self.url,
+            "services": {n: p.url for n, p in self.services.items()},
+            "brokers": {n: self.broker_url(n) for n in self.brokers},
+            "sinks": {n: self.sink_url(n) for n in self.sinks},
+            "kafkasources": {n: counters(d) for n, d in self.sources.items()},
+            "triggers": {n: counters(d) for n, d in self.triggers.items()},
+            "pingsources": {
+                n: {
+                    "schedule": p.source.schedule,
+                    "next": p.next_fire().isoformat(),
+                    "fire": f"{self.url}/pingsources/{n}/fire",
+                }
+                for n, p in self.pings.items()
+            },
+        }
+
+    # --- the runner's HTTP endpoint ----------------------------------------------
+
+    def _start_server(self) -> None:
+        runner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("http: " + fmt, *args)
+
+            def _answer(self, status: int, body: bytes = b"", ctype: str = "application/json"):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _json(self, status: int, doc: Any) -> None:
+                self._answer(status, json.dumps(doc, default=str).encode())
+
+            def do_GET(self) -> None:
+                path = urlsplit(self.path).path
+                if path in ("/healthz", "/readyz"):
+                    self._answer(200, b"ok", "text/plain")
+                elif path == "/status":
+                    self._json(200, runner.status())
+                else:
+                    self._json(404, {"error": f"no such path {path}"})
+
+            def do_POST(self) -> None:
+                parts = urlsplit(self.path)
+                segs = [s for s in parts.path.split("/") if s]
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    if len(segs) == 3 and segs[0] == "pingsources" and segs[2] == "fire":
+                        if segs[1] not in runner.pings:
+                            return self._json(404, {"error": f"no PingSource {segs[1]}"})
+                        return self._json(200, asdict(runner.fire_ping(segs[1])))
+                    if len(segs) == 3 and segs[0] == "kafkasources" and segs[2] == "redeliver":
+                        q = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                        if segs[1] not in runner.sources:
+                            return self._json(404, {"error": f"no KafkaSource {segs[1]}"})
+                        outcomes = runner.redeliver(
+                            segs[1], int(q["partition"]), int(q["start"]),
+                            int(q["end"]) if "end" in q else None, q.get("topic"),
+                        )  # fmt: skip
+                        return self._json(200, [asdict(o) for o in outcomes])
+                    if len(segs) == 2:
+                        writer = runner._ingress(segs[0], segs[1])
+                        if writer is not None:
+                            status, out = writer.handle_http(dict(self.headers.items()), body)
+                            return self._answer(status, out)
+                    self._json(404, {"error": f"no Broker, KafkaSink or action at {parts.path}"})
+                except (KeyError, ValueError) as exc:
+                    self._json(400, {"error": f"bad request: {exc!r}"})
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        self._server.daemon_threads = True
+        self._server_thread = threading.Thread(
+            target=self._server.serve_forever, name="runner-http", daemon=True
+        )
+        self._server_thread.start()
+
+    def _ingress(self, namespace: str, name: str) -> TopicWriter | None:
+        for kind, writers in (("Broker", self.brokers), ("KafkaSink", self.sinks)):
+            res = self.manifests.find(kind, name)
+            if res is not None and res.namespace == namespace and name in writers:
+                return writers[name]
+        return None

@@ -1,0 +1,174 @@
+"""Knative Services as local functions-framework processes.
+
+Each Service's container env is rebuilt from the manifests (literal values,
+ConfigMap and Secret keys, `envFrom`), so a function runs locally with the
+settings the cluster would give it. Only what points at infrastructure is
+overridden: KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL name the local
+services, PORT the local port. functions-framework reads FUNCTION_TARGET,
+FUNCTION_SIGNATURE_TYPE and FUNCTION_SOURCE itself; FUNCTION_SOURCE is
+relative to the repository root, the image's working directory.
+
+A Service keeps its port across stop()/start()/kill(), so fault tests can
+take a function away and bring the same address back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import urllib3
+
+from ..devservices._process import die_with_parent, free_port, tail
+from .manifests import ConfigMap, KService, ManifestError, Manifests, Secret
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def container_env(service: KService, manifests: Manifests) -> dict[str, str]:
+    """The container's environment as Kubernetes would assemble it (envFrom first, then env)."""
+
+    def source(kind: str, name: str, optional: bool) -> dict[str, str]:
+        res = manifests.find(kind, name)
+        if res is None:
+            if optional:
+                return {}
+            raise ManifestError(f"{service.key} needs {kind}/{name}, which is not in the manifests")
+        assert isinstance(res, ConfigMap | Secret)
+        return res.data
+
+    env: dict[str, str] = {}
+    for ref in service.env_from:
+        for key, value in source(ref.kind, ref.name, ref.optional).items():
+            env[ref.prefix + key] = value
+    for var in service.env:
+        if var.value is not None:
+            env[var.name] = var.value
+            continue
+        kind, (name, key) = (
+            ("ConfigMap", var.config_map_key) if var.config_map_key else ("Secret", var.secret_key)
+        )
+        data = source(kind, name, var.optional)
+        if key in data:
+            env[var.name] = data[key]
+        elif not var.optional:
+            raise ManifestError(f"{service.key}: {kind}/{name} has no key {key!r} for {var.name}")
+    return env
+
+
+class ServiceProcess:
+    """One Knative Service as a functions-framework server on 127.0.0.1."""
+
+    def __init__(
+        self,
+        service: KService,
+        env: dict[str, str],
+        *,
+        repo_root: Path,
+        log_dir: Path,
+        port: int | None = None,
+    ):
+        self.service = service
+        self.name = service.name
+        self.env = env
+        self.repo_root = repo_root
+        self.port = port or free_port()
+        self.log_path = log_dir / f"{service.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServiceProcess:
+        if self.running:
+            return self
+        env = {**os.environ, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1"}
+        for needed in ("FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE"):
+            if not env.get(needed):
+                raise ManifestError(f"{self.service.key}: container env has no {needed}")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "functions_framework"],
+            cwd=self.repo_root, env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(signal.SIGTERM),
+            start_new_session=True,
+        )  # fmt: skip
+        out.close()
+        self._wait_ready(timeout)
+        log.info("%s: %s ready at %s", self.service.key, env["FUNCTION_TARGET"], self.url)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Ready once the readiness path answers anything below 500.
+
+        A cloudevent-signature function answers GET with 405 unless it serves
+        the probe path itself; the process is up either way, and the log says so.
+        """
+        http = urllib3.PoolManager(retries=False)
+        url = self.url + self.service.readiness_path
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServiceError(
+                    f"{self.service.key} exited with {self.proc.returncode}:\n{tail(self.log_path)}"
+                )
+            try:
+                resp = http.request("GET", url, timeout=2.0)
+                if resp.status < 500:
+                    if resp.status >= 300:
+                        log.warning(
+                            "%s: readiness path %s answered %s (the function does not serve it)",
+                            self.service.key, self.service.readiness_path, resp.status,
+                        )  # fmt: skip
+                    return
+                last = f"HTTP {resp.status}"
+            except urllib3.exceptions.HTTPError as exc:
+                last = type(exc).__name__
+            time.sleep(0.1)
+        self.stop()
+        raise ServiceError(
+            f"{self.service.key} not ready at {url} within {timeout}s ({last}):\n"
+            f"{tail(self.log_path)}"
+        )
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (gunicorn finishes in-flight requests), then SIGKILL if it lingers."""
+        if self.proc is None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: a crashed pod, requests cut mid-way."""
+        if self.proc is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
