@@ -1,0 +1,182 @@
+"""End to end through `knative/base`: ingest → Kafka → KafkaSource → writer → PostgreSQL.
+
+Every function is the real one, served by functions-framework as the
+manifests say; the runner plays Knative. Each test asserts what an auditor
+would see: rows in `audit_events`, or records on the DLQ topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import pg8000.native
+import pytest
+from cloudevents.conversion import to_binary, to_structured
+from cloudevents.http import CloudEvent
+
+from eventing_support import headers_of, produce, read_topic
+from ingest_support import request
+from openg2p_audit import store
+from openg2p_audit.topics import ensure_topics
+from pipeline_support import (
+    BROKER,
+    INGEST,
+    PING,
+    WRITER,
+    audit_event,
+    start_pipeline,
+    stored_ids,
+    wait_stored,
+)
+
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def pipeline(settings, tmp_path_factory):
+    ensure_topics(settings)
+    runner = start_pipeline(settings, tmp_path_factory.mktemp("pipeline"))
+    yield runner
+    runner.stop()
+
+
+def _ingest(pipeline, path: str, body, headers: dict[str, str]):
+    return request(pipeline.service_url(INGEST), path, body, headers)
+
+
+def _sdk_event(event: dict) -> CloudEvent:
+    attrs = {k: v for k, v in event.items() if k != "data"}
+    return CloudEvent(attrs, event["data"])
+
+
+def test_every_content_mode_lands_as_rows(pipeline, settings):
+    sent: list[str] = []
+
+    binary = audit_event()
+    headers, body = to_binary(_sdk_event(binary))
+    reply = _ingest(pipeline, "/", body, {**headers, "Content-Type": "application/json"})
+    assert reply.status == 202, reply.body
+    sent.append(binary["id"])
+
+    structured = audit_event()
+    headers, body = to_structured(_sdk_event(structured))
+    reply = _ingest(pipeline, "/", body, headers)
+    assert reply.status == 202, reply.body
+    sent.append(structured["id"])
+
+    batch = [audit_event() for _ in range(5)]
+    reply = _ingest(
+        pipeline, "/", json.dumps(batch), {"Content-Type": "application/cloudevents-batch+json"}
+    )
+    assert reply.status == 202, reply.body
+    assert reply.json["accepted"] == [e["id"] for e in batch]
+    sent += [e["id"] for e in batch]
+
+    legacy = audit_event()
+    reply = _ingest(pipeline, "/v1/auditmanager/events", legacy, JSON)
+    assert reply.status == 202, reply.body
+    sent.append(legacy["id"])
+
+    legacy_batch = [audit_event() for _ in range(3)]
+    reply = _ingest(pipeline, "/v1/auditmanager/events/batch", {"events": legacy_batch}, JSON)
+    assert reply.status == 202, reply.body
+    sent += [e["id"] for e in legacy_batch]
+
+    assert wait_stored(settings, sent) == dict.fromkeys(sent, 1)
+
+    conn = pg8000.native.Connection(**settings.pg_connect_kwargs)
+    try:
+        rows = conn.run(
+            "SELECT source, type, subject, actor_id, action, outcome, resource_type, resource_id "
+            "FROM audit_events WHERE id = :id",
+            id=structured["id"],
+        )
+    finally:
+        conn.close()
+    assert rows == [
+        [
+            "/openg2p/registry",
+            "org.openg2p.registry.beneficiary.viewed",
+            "beneficiary/BEN-000482",
+            "officer-17",
+            "view",
+            "success",
+            "beneficiary",
+            "BEN-000482",
+        ]
+    ]
+
+
+def test_a_refused_event_is_stored_nowhere(pipeline, settings):
+    bad = audit_event(data={"actor": {"id": "officer-17"}, "action": "view", "outcome": "maybe"})
+    reply = _ingest(pipeline, "/v1/auditmanager/events", bad, JSON)
+    assert reply.status == 400
+    assert reply.json["problems"][0]["field"] == "data.outcome"
+    good = audit_event()
+    assert _ingest(pipeline, "/v1/auditmanager/events", good, JSON).status == 202
+    wait_stored(settings, [good["id"]])  # the pipeline has moved past the refused one
+    assert stored_ids(settings, [bad["id"]]) == {}
+
+
+def test_events_sent_to_the_broker_land_as_rows(pipeline, settings):
+    import urllib3
+
+    ids = []
+    http = urllib3.PoolManager(retries=False)
+    for _ in range(3):
+        event = audit_event()
+        headers, body = to_binary(_sdk_event(event))
+        reply = http.request(
+            "POST",
+            pipeline.broker_url(BROKER),
+            body=body,
+            headers={**headers, "Content-Type": "application/json"},
+        )
+        assert reply.status == 202, reply.data
+        ids.append(event["id"])
+    assert wait_stored(settings, ids) == dict.fromkeys(ids, 1)
+
+
+def test_a_malformed_record_lands_in_the_dlq_with_the_error_extensions(pipeline, settings):
+    bootstrap = settings.bootstrap_servers
+    event_id = f"poison-{uuid.uuid4()}"
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event_id.encode()),
+        ("ce_source", b"/openg2p/registry"),
+        ("ce_type", b"org.openg2p.registry.beneficiary.viewed"),
+        ("ce_time", b"2026-11-28T08:00:00Z"),
+        ("content-type", b"application/json"),
+    ]
+    # No actor: the writer refuses it (4xx), so the KafkaSource dead-letters it at once.
+    produce(bootstrap, settings.kafka_events_topic, [(None, b'{"action": "view"}', headers)])
+    dead = [
+        r
+        for r in read_topic(bootstrap, settings.kafka_dlq_topic, 50, timeout=30)
+        if headers_of(r).get("ce_id") == event_id
+    ]
+    assert len(dead) == 1
+    h = headers_of(dead[0])
+    assert h["ce_knativeerrorcode"] in {"400", "422"}
+    assert h["ce_knativeerrordest"] == pipeline.service_url(WRITER)
+    reason = json.loads(base64.b64decode(h["ce_knativeerrordata"]))
+    assert "actor" in json.dumps(reason)
+    assert dead[0].value == b'{"action": "view"}'
+    assert stored_ids(settings, [event_id]) == {}
+
+
+def test_the_pingsource_fires_maintenance(pipeline, settings):
+    outcome = pipeline.fire_ping(PING)
+    assert 200 <= outcome.status < 300, outcome
+    conn = store.connect(settings)
+    try:
+        months = set(store.list_partitions(conn))
+    finally:
+        conn.close()
+    from datetime import UTC, datetime
+
+    current = store.month_of(datetime.now(UTC))
+    expected = {store.add_months(current, i) for i in range(settings.partitions_ahead_months)}
+    assert expected <= months
