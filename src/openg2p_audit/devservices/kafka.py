@@ -13,6 +13,7 @@ import fcntl
 import logging
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -188,7 +189,18 @@ class LocalKafka:
                     f"{tail(self.workdir / 'stdout.log')}"
                 )
             try:
-                admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=3000)
+                # A client that meets a closed port backs off for seconds; knock first.
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            except OSError as exc:
+                last = exc
+                time.sleep(0.2)
+                continue
+            try:
+                admin = KafkaAdminClient(
+                    bootstrap_servers=self.bootstrap,
+                    request_timeout_ms=3000,
+                    bootstrap_timeout_ms=3000,
+                )
                 try:
                     admin.describe_cluster()
                     return
