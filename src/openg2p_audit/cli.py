@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -96,6 +97,15 @@ def _print_dev_up(runner, live, cli: str) -> None:
     print("\nready. Ctrl-C stops everything.", flush=True)
 
 
+def _this_command() -> str:
+    """How to run this CLI again from here: the venv's script is rarely on PATH."""
+    script = Path(sys.argv[0])
+    if script.name == "openg2p-audit" and script.exists():
+        path = os.path.relpath(script.absolute())
+        return path if os.sep in path else f".{os.sep}{path}"
+    return "openg2p-audit"
+
+
 def _cmd_dev_up(args: argparse.Namespace) -> int:
     from .devservices import local_services
     from .eventing.runner import REPO_ROOT, Runner
@@ -118,7 +128,7 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
         try:
             runner.start()
             runner.wait_ready()
-            _print_dev_up(runner, live, Path(sys.argv[0]).name or "openg2p-audit")
+            _print_dev_up(runner, live, _this_command())
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
