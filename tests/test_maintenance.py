@@ -426,6 +426,18 @@ def test_redrive_commits_nothing_while_the_database_is_down(settings, pg):
     assert committed_offsets(s) == {0: 1}
 
 
+def test_unreachable_broker_is_reported_after_the_partitions_are_done(settings, pg):
+    from openg2p_audit.devservices._process import free_port
+
+    fresh_table(pg)
+    s = settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    summary = run_maintenance(s)
+    assert summary.status == "error"
+    assert "dead-letter topic unavailable" in summary.error
+    assert len(summary.created) == 3
+    assert partitions(pg) == summary.created
+
+
 def test_redrive_is_bounded_and_resumes(settings, pg):
     s = with_dlq(settings).model_copy(update={"redrive_max_records": 3})
     events = [make_event() for _ in range(7)]

@@ -102,7 +102,7 @@ def _cmd_upkeep(args: argparse.Namespace) -> int:
             settings, now=args.now, dry_run=args.dry_run, redrive_dlq=not args.no_redrive
         )
     except Exception as exc:  # noqa: BLE001 - one line for the operator, exit status 1
-        print(json.dumps({"status": "error", "error": f"database unavailable: {exc}"}))
+        print(json.dumps({"status": "error", "error": f"maintenance failed: {exc}"}))
         return 1
     print(json.dumps(summary.as_dict()))
     return 1 if summary.status == "error" else 0

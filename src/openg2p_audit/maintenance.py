@@ -40,6 +40,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import pg8000.native
+from pg8000.exceptions import InterfaceError
 from prometheus_client import Counter
 from pydantic import ValidationError
 
@@ -336,6 +337,7 @@ def redrive(
         auto_offset_reset="earliest",
         max_poll_records=500,
         request_timeout_ms=30000,
+        bootstrap_timeout_ms=10000,  # an unreachable broker fails the pass, not the whole ping
     )
     try:
         available = consumer.partitions_for_topic(settings.kafka_dlq_topic)
@@ -558,15 +560,20 @@ def maintain(cloud_event) -> dict[str, Any]:
     if event_type != PING_TYPE:
         log.info("maintenance triggered by an event of type %s", event_type)
     settings = load_settings()
+    if not settings.database_configured:
+        RUNS.labels("error").inc()
+        log.error("maintenance failed: DATABASE_URL (or DB_HOST) is not set")
+        raise MaintenanceError("DATABASE_URL (or DB_HOST) is not set")
     try:
         summary = run_maintenance(settings)
     except Exception as exc:
         RUNS.labels("error").inc()
+        what = "database unavailable" if _unreachable(exc) else "maintenance failed"
         log.error(
-            "maintenance failed, database unavailable (%s): %s", settings.database_dsn, exc,
-            extra={"status": "error"},
+            "%s (%s): %s; nothing reported done, the ping should be retried",
+            what, settings.database_dsn, exc, extra={"status": "error"},
         )  # fmt: skip
-        raise MaintenanceError(f"database unavailable: {exc}") from exc
+        raise MaintenanceError(f"{what}: {exc}") from exc
     report = summary.as_dict()
     RUNS.labels(summary.status).inc()
     if summary.status == "error":
@@ -574,6 +581,14 @@ def maintain(cloud_event) -> dict[str, Any]:
         raise MaintenanceError(summary.error or "maintenance incomplete")
     log.info("maintenance %s", summary.status, extra={"summary": report})
     return report
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A lost or refused connection, as opposed to an error PostgreSQL reported."""
+    return isinstance(exc, InterfaceError | OSError) or store.sqlstate(exc) in (
+        "57P01",  # admin_shutdown
+        "57P03",  # cannot_connect_now
+    )
 
 
 def add_routes() -> None:
