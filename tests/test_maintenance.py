@@ -470,6 +470,28 @@ def test_redrive_takes_back_wrapped_legacy_records(settings, pg):
     assert stored_ids(pg, [legacy.id]) == [legacy.id]
 
 
+def test_redrive_reads_structured_dead_letters(settings, pg):
+    """A dead-letter sink in structured mode keeps the error attributes in the JSON envelope."""
+    s = with_dlq(settings)
+    retry, refused = make_event(), make_event()
+
+    def structured(event, code):
+        envelope = {**event.attributes(), "data": event.data_json(), "knativeerrorcode": code}
+        return (
+            b"k",
+            json.dumps(envelope).encode(),
+            [("content-type", b"application/cloudevents+json; charset=utf-8")],
+        )
+
+    produce_dlq(s, [structured(retry, "500"), structured(refused, "413")])
+    summary = redrive(s, pg)
+    assert (summary.redriven, summary.inserted, summary.dlq_permanent_seen) == (1, 1, 1)
+    assert [(p["id"], p["code"], p["reason"]) for p in summary.permanent] == [
+        (refused.id, "413", "http_413")
+    ]
+    assert stored_ids(pg, [retry.id, refused.id]) == [retry.id]
+
+
 # --------------------------------------------------------------------------- dry run
 
 

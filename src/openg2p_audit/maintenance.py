@@ -45,6 +45,7 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 
 from . import store
+from .kafka_binding import STRUCTURED_CONTENT_TYPE, is_binary
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
 from .settings import Settings, load_settings
 
@@ -267,9 +268,30 @@ def _header(headers: list[tuple[str, bytes]], name: str) -> str | None:
     return None
 
 
-def _refusal_reason(code: str | None, headers: list[tuple[str, bytes]]) -> str:
+_ERROR_ATTRIBUTES = ("id", "knativeerrorcode", "knativeerrordata")
+
+
+def error_attributes(
+    headers: list[tuple[str, bytes]], value: bytes | None
+) -> dict[str, str | None]:
+    """The event id and the knativeerror* attributes of a dead letter, binary or structured mode."""
+    if is_binary(headers):
+        return {name: _header(headers, f"ce_{name}") for name in _ERROR_ATTRIBUTES}
+    found: dict[str, str | None] = dict.fromkeys(_ERROR_ATTRIBUTES)
+    if (_header(headers, "content-type") or "").startswith(STRUCTURED_CONTENT_TYPE):
+        try:
+            envelope = json.loads(value or b"")
+        except ValueError:
+            envelope = None
+        if isinstance(envelope, dict):
+            for name in _ERROR_ATTRIBUTES:
+                if envelope.get(name) is not None:
+                    found[name] = str(envelope[name])
+    return found
+
+
+def _refusal_reason(code: str | None, data: str | None) -> str:
     """The reason a subscriber gave (the writer's JSON `error`), else `http_<code>`."""
-    data = _header(headers, "ce_knativeerrordata")
     if data:
         with contextlib.suppress(binascii.Error, ValueError, TypeError, AttributeError):
             body = json.loads(base64.b64decode(data, validate=False))
@@ -409,15 +431,11 @@ def _classify(record, partition: int, summary: RedriveSummary) -> tuple[store.Ro
     from .writer import Rejection
 
     headers = list(record.headers or [])
-    code = _header(headers, "ce_knativeerrorcode")
-    where = {
-        "id": _header(headers, "ce_id"),
-        "code": code,
-        "partition": partition,
-        "offset": record.offset,
-    }
+    attrs = error_attributes(headers, record.value)
+    code = attrs["knativeerrorcode"]
+    where = {"id": attrs["id"], "code": code, "partition": partition, "offset": record.offset}
     if not is_transient(code):
-        _permanent(summary, where, _refusal_reason(code, headers))
+        _permanent(summary, where, _refusal_reason(code, attrs["knativeerrordata"]))
         return None
     try:
         event = event_from_dead_letter(headers, record.key, record.value or b"")
