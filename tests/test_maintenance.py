@@ -21,6 +21,7 @@ from function_server import ROOT, settings_env
 from openg2p_audit import store
 from openg2p_audit.kafka_binding import encode
 from openg2p_audit.maintenance import (
+    RUN_LOCK,
     MaintenanceError,
     is_transient,
     maintain,
@@ -309,7 +310,7 @@ def test_a_run_overlapping_another_reports_skipped(settings, pg):
     fresh_table(pg)
     holder = pg8000.native.Connection(**settings.pg_connect_kwargs)
     try:
-        holder.run(f"SELECT pg_advisory_lock({store._LOCK_NAMESPACE}, -1)")
+        assert store.try_advisory_lock(holder, RUN_LOCK)
         summary = run_maintenance(settings, redrive_dlq=False, lock_wait=0.3)
         assert (summary.status, summary.skipped) == ("skipped", "another run holds the lock")
         assert summary.created == []

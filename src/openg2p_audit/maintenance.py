@@ -53,9 +53,9 @@ log = logging.getLogger("openg2p_audit.maintenance")
 
 PING_TYPE = "dev.knative.sources.ping"
 
-# Session advisory lock held for a whole run: (store's namespace, this key). The store uses
-# 0 for the schema and positive keys for months, so a negative key cannot collide.
-_RUN_LOCK = -1
+# Session advisory lock held for a whole run, in the store's namespace (the store's own
+# keys are 0 and up).
+RUN_LOCK = -1
 # How long a run waits for an overlapping one before reporting itself skipped.
 LOCK_WAIT_SECONDS = 5.0
 
@@ -197,49 +197,17 @@ def upkeep(
             summary.created.append(name)
             PARTITIONS_CREATED.inc()
 
+    kept = set(summary.created)
     for month, name in sorted(existing.items()):
         if not expired(month, cutoff):
-            continue
-        if dry_run or _drop_partition(conn, month, name):
+            kept.add(name)
+        elif dry_run:
             summary.dropped.append(name)
-            if not dry_run:
-                PARTITIONS_DROPPED.inc()
-
-    every = set(existing.values()) | set(summary.created)
-    summary.kept = sorted(every - set(summary.dropped))
+        elif store.drop_partition(conn, month):  # False: another session dropped it first
+            summary.dropped.append(name)
+            PARTITIONS_DROPPED.inc()
+    summary.kept = sorted(kept)
     return summary
-
-
-def _drop_partition(conn: pg8000.native.Connection, month: date, name: str) -> bool:
-    """DROP TABLE one expired partition, if it is still attached; True if this call dropped it.
-
-    Under the same per-month advisory lock the store takes to create a month,
-    and with the store's lock timeout: a long investigator query holding the
-    parent makes this run fail (and the next one retry) instead of stalling inserts.
-    """
-    dropped = False
-    conn.run("BEGIN")
-    try:
-        conn.run(f"SET LOCAL lock_timeout = '{store.DDL_LOCK_TIMEOUT}'")
-        conn.run(
-            f"SELECT pg_advisory_xact_lock({store._LOCK_NAMESPACE},"
-            f" {store._partition_lock_key(month)})"
-        )
-        attached = conn.run(
-            "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = to_regclass(:table) AND c.relname = :name",
-            table=store.TABLE,
-            name=name,
-        )[0][0]
-        if attached:
-            conn.run(f"DROP TABLE {pg8000.native.identifier(name)}")
-            dropped = True
-        conn.run("COMMIT")
-    except BaseException:
-        store._rollback_quietly(conn)
-        raise
-    store.forget_partitions(conn, [month])
-    return dropped
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -508,16 +476,16 @@ def _store_rows(
 def _try_lock(conn: pg8000.native.Connection, wait: float) -> bool:
     deadline = time.monotonic() + wait
     while True:
-        got = conn.run(f"SELECT pg_try_advisory_lock({store._LOCK_NAMESPACE}, {_RUN_LOCK})")[0][0]
+        got = store.try_advisory_lock(conn, RUN_LOCK)
         if got or time.monotonic() >= deadline:
-            return bool(got)
+            return got
         time.sleep(0.1)
 
 
 def _unlock(conn: pg8000.native.Connection) -> None:
     # A lost connection has released the session lock already.
     with contextlib.suppress(Exception):
-        conn.run(f"SELECT pg_advisory_unlock({store._LOCK_NAMESPACE}, {_RUN_LOCK})")
+        store.advisory_unlock(conn, RUN_LOCK)
 
 
 def run_maintenance(
