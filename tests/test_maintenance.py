@@ -412,19 +412,21 @@ def test_redrive_stores_transient_failures_and_leaves_permanent_ones(settings, p
 def test_redrive_commits_nothing_while_the_database_is_down(settings, pg):
     s = with_dlq(settings)
     store.ensure_schema(pg)
-    event = make_event()
-    produce_dlq(s, [dead_letter(event, "503")])
+    event, refused = make_event(), make_event()
+    produce_dlq(s, [dead_letter(event, "503"), dead_letter(refused, "403")])
     gone = store.connect(s)
     gone.close()  # a connection the database no longer answers on
     summary = redrive(s, gone)
     assert summary.error and "database unavailable" in summary.error
-    assert summary.redriven == 0
+    assert (summary.redriven, summary.dlq_permanent_seen) == (0, 0)
     assert committed_offsets(s) == {0: None}
     assert stored_ids(pg, [event.id]) == []
 
+    # The next run handles both records, each once.
     summary = redrive(s, pg)
-    assert (summary.error, summary.dlq_seen, summary.inserted) == (None, 1, 1)
-    assert committed_offsets(s) == {0: 1}
+    assert (summary.error, summary.dlq_seen, summary.inserted) == (None, 2, 1)
+    assert [(p["id"], p["code"]) for p in summary.permanent] == [(refused.id, "403")]
+    assert committed_offsets(s) == {0: 2}
 
 
 def test_unreachable_broker_is_reported_after_the_partitions_are_done(settings, pg):

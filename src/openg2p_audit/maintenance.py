@@ -359,7 +359,7 @@ def redrive(
         while todo and summary.dlq_seen < limit and time.monotonic() < deadline:
             wait_ms = max(1, min(500, int((deadline - time.monotonic()) * 1000)))
             polled = consumer.poll(timeout_ms=wait_ms, max_records=500)
-            rows: list[tuple[store.Row, dict[str, Any]]] = []
+            batch = _Batch()
             advanced: dict[TopicPartition, int] = {}
             for tp, records in polled.items():
                 end = todo.get(tp)
@@ -369,16 +369,15 @@ def redrive(
                     if record.offset >= end or summary.dlq_seen >= limit:
                         break
                     summary.dlq_seen += 1
-                    row = _classify(record, tp.partition, summary)
-                    if row is not None:
-                        rows.append(row)
+                    _classify(record, tp.partition, batch)
                     advanced[tp] = record.offset + 1
-            if rows and not dry_run:
-                if not _store_rows(conn, rows, summary):
+            if batch.rows and not dry_run:
+                if not _store_rows(conn, batch, summary):
                     return summary  # nothing of this batch committed: the next run redoes it
-            elif rows:
-                summary.redriven += len(rows)
+            elif batch.rows:
+                summary.redriven += len(batch.rows)
             commit(advanced)
+            _settle(summary, batch)  # counted once their offsets are committed
             if summary.dlq_seen >= limit:
                 break
             for tp in list(todo):
@@ -394,8 +393,16 @@ def redrive(
         consumer.close(autocommit=False)
 
 
-def _classify(record, partition: int, summary: RedriveSummary) -> tuple[store.Row, dict] | None:
-    """A row to store for a transient failure; None (counted as permanent) otherwise."""
+@dataclass
+class _Batch:
+    """One poll's dead letters: rows to store, and permanent failures with their reasons."""
+
+    rows: list[tuple[store.Row, dict[str, Any]]] = field(default_factory=list)
+    permanent: list[tuple[dict[str, Any], str, str | None]] = field(default_factory=list)
+
+
+def _classify(record, partition: int, batch: _Batch) -> None:
+    """A row to store for a transient failure; a permanent failure otherwise."""
     from .writer import Rejection
 
     headers = list(record.headers or [])
@@ -403,42 +410,38 @@ def _classify(record, partition: int, summary: RedriveSummary) -> tuple[store.Ro
     code = attrs["knativeerrorcode"]
     where = {"id": attrs["id"], "code": code, "partition": partition, "offset": record.offset}
     if not is_transient(code):
-        _permanent(summary, where, _refusal_reason(code, attrs["knativeerrordata"]))
-        return None
+        batch.permanent.append((where, _refusal_reason(code, attrs["knativeerrordata"]), None))
+        return
     try:
         event = event_from_dead_letter(headers, record.key, record.value or b"")
-        return store.event_to_row(event), where
+        batch.rows.append((store.event_to_row(event), where))
     except Rejection as rej:
-        _permanent(summary, where, rej.reason, rej.message)
+        batch.permanent.append((where, rej.reason, rej.message))
     except store.UnstorableEvent as exc:
-        _permanent(summary, where, "unstorable", str(exc))
+        batch.permanent.append((where, "unstorable", str(exc)))
     except ValidationError as exc:
-        _permanent(summary, where, "invalid_event", str(exc).splitlines()[0])
-    return None
+        batch.permanent.append((where, "invalid_event", str(exc).splitlines()[0]))
 
 
-def _permanent(
-    summary: RedriveSummary, where: dict[str, Any], reason: str, message: str | None = None
-) -> None:
-    summary.dlq_permanent_seen += 1
-    if not summary.dry_run:
-        DLQ_PERMANENT.labels(reason).inc()
-    if len(summary.permanent) < PERMANENT_SAMPLES:
-        summary.permanent.append(
-            {**where, "reason": reason, **({"message": message} if message else {})}
-        )
-    log.warning(
-        "dead-letter record %s stays in the DLQ: %s", where["id"], reason,
-        extra={**where, "reason": reason},
-    )  # fmt: skip
+def _settle(summary: RedriveSummary, batch: _Batch) -> None:
+    """Count, report and log a batch's permanent failures."""
+    for where, reason, message in batch.permanent:
+        summary.dlq_permanent_seen += 1
+        if not summary.dry_run:
+            DLQ_PERMANENT.labels(reason).inc()
+        if len(summary.permanent) < PERMANENT_SAMPLES:
+            summary.permanent.append(
+                {**where, "reason": reason, **({"message": message} if message else {})}
+            )
+        log.warning(
+            "dead-letter record %s stays in the DLQ: %s", where["id"], reason,
+            extra={**where, "reason": reason},
+        )  # fmt: skip
 
 
-def _store_rows(
-    conn: pg8000.native.Connection,
-    rows: list[tuple[store.Row, dict[str, Any]]],
-    summary: RedriveSummary,
-) -> bool:
+def _store_rows(conn: pg8000.native.Connection, batch: _Batch, summary: RedriveSummary) -> bool:
     """Insert one batch; False (with `error` set) when the database is unavailable."""
+    rows = batch.rows
     try:
         try:
             result = store.insert_events(conn, [row for row, _ in rows])
@@ -457,7 +460,7 @@ def _store_rows(
             except Exception as exc:
                 if not store.is_permanent(exc):
                     raise
-                _permanent(summary, where, "database_refused", str(exc))
+                batch.permanent.append((where, "database_refused", str(exc)))
                 continue
             summary.inserted += result.inserted
             summary.duplicates += result.duplicates
