@@ -499,8 +499,11 @@ def run_maintenance(
     redrive_dlq: bool = True,
     lock_wait: float = LOCK_WAIT_SECONDS,
 ) -> UpkeepSummary:
-    """One run: lock, partition upkeep, dead-letter redrive. Raises only when the database
-    cannot be reached; a redrive failure is returned with status "error"."""
+    """One run: lock, partition upkeep, dead-letter redrive.
+
+    Raises when the partition work fails (database unreachable, a lock timeout);
+    a redrive failure is returned with status "error" after the partitions are done.
+    """
     started = time.perf_counter()
     conn = store.connect(settings, application_name="openg2p-audit-maintenance")
     try:
