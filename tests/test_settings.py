@@ -16,6 +16,8 @@ def test_defaults_match_the_design(monkeypatch):
     assert s.kafka_consumer_group == "openg2p-audit-consumer"
     assert s.partitions_ahead_months == 3
     assert s.retention_months == 84
+    assert s.kafka_redrive_group == "openg2p-audit-redrive"
+    assert (s.redrive_max_records, s.redrive_max_seconds) == (10_000, 20.0)
     assert not s.kafka_configured and not s.database_configured
 
 
@@ -56,6 +58,7 @@ def test_openg2p_db_convention(monkeypatch):
         ("KAFKA_TOPIC_PARTITIONS", "twelve"),
         ("KAFKA_TOPIC_PARTITIONS", "0"),
         ("RETENTION_MONTHS", "-1"),
+        ("REDRIVE_MAX_SECONDS", "0"),
         ("KAFKA_BOOTSTRAP_SERVERS", "broker-without-port"),
         ("KAFKA_EVENTS_TOPIC", "bad topic name"),
         ("DATABASE_URL", "mysql://x@y/z"),

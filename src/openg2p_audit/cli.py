@@ -213,6 +213,26 @@ def _cmd_query(args: argparse.Namespace) -> int:
 _ORDER_COLUMNS = ("recorded_at", "ingested_at", "received_at", "occurred_at", "time", "created_at")
 
 
+def _cmd_upkeep(args: argparse.Namespace) -> int:
+    from .maintenance import run_maintenance
+    from .observability import configure_logging
+
+    configure_logging()
+    if args.now is not None and not args.dry_run:
+        print(json.dumps({"error": "--now is only allowed with --dry-run"}), file=sys.stderr)
+        return 2
+    settings = load_settings()
+    try:
+        summary = run_maintenance(
+            settings, now=args.now, dry_run=args.dry_run, redrive_dlq=not args.no_redrive
+        )
+    except Exception as exc:  # noqa: BLE001 - one line for the operator, exit status 1
+        print(json.dumps({"status": "error", "error": f"maintenance failed: {exc}"}))
+        return 1
+    print(json.dumps(summary.as_dict()))
+    return 1 if summary.status == "error" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openg2p-audit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="processes sharing the partitions (default 1)"
     )
     rp.set_defaults(func=_cmd_replay)
+
+    up_keep = sub.add_parser(
+        "upkeep",
+        help="run the hourly maintenance now (partitions ahead, retention, DLQ redrive)",
+        description="Create the monthly partitions ahead, drop those wholly older than the "
+        "retention, and store the dead-letter topic's transient failures, as the hourly "
+        "maintenance function does. Prints a JSON summary.",
+    )
+    up_keep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only report what would be created, dropped and redriven; change nothing",
+    )
+    up_keep.add_argument(
+        "--no-redrive", action="store_true", help="leave the dead-letter topic alone"
+    )
+    up_keep.add_argument(
+        "--now",
+        type=_timestamp,
+        metavar="ISO",
+        help="with --dry-run: plan as if it were this time (default: the UTC clock)",
+    )
+    up_keep.set_defaults(func=_cmd_upkeep)
     return parser
 
 

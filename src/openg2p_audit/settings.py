@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     ingest_max_pending_events: int = Field(50_000, ge=1, le=10_000_000)
     ingest_retry_after_seconds: int = Field(1, ge=1, le=3600)
 
+    # Dead-letter redrive, run by the hourly maintenance: its own consumer group on the DLQ
+    # topic, and bounds that keep one run well inside a PingSource's patience.
+    kafka_redrive_group: str = Field("openg2p-audit-redrive", min_length=1)
+    redrive_max_records: int = Field(10_000, ge=0, le=10_000_000)
+    redrive_max_seconds: float = Field(20.0, gt=0, le=3600)
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _host_port_list(cls, value: str | None) -> str | None:

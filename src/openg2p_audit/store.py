@@ -288,6 +288,52 @@ def ensure_partition(conn: pg8000.native.Connection, month: date) -> bool:
     return created
 
 
+def drop_partition(conn: pg8000.native.Connection, month: date) -> bool:
+    """DROP TABLE `month`'s partition if it is attached to the table; True if this call dropped it.
+
+    Serialised with `ensure_partition` by the same per-month advisory lock, and
+    bounded by the DDL lock timeout: dropping a partition locks the parent, so
+    behind a long query it gives up (a transient error) instead of stalling
+    every insert queued behind it. Only the store's own `audit_events_YYYY_MM`
+    partitions are ever dropped, never a default or otherwise named one.
+    """
+    month = date(month.year, month.month, 1)
+    name = partition_name(month)
+    dropped = False
+    conn.run("BEGIN")
+    try:
+        conn.run(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+        conn.run(f"SELECT pg_advisory_xact_lock({_LOCK_NAMESPACE}, {_partition_lock_key(month)})")
+        attached = conn.run(
+            "SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = to_regclass(:table) AND c.relname = :name",
+            table=TABLE,
+            name=name,
+        )[0][0]
+        if attached:
+            conn.run(f"DROP TABLE {pg8000.native.identifier(name)}")
+            dropped = True
+        conn.run("COMMIT")
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
+    _partitions.forget(conn, [month])
+    return dropped
+
+
+def try_advisory_lock(conn: pg8000.native.Connection, key: int) -> bool:
+    """Take a session-level advisory lock in the store's namespace without waiting.
+
+    Keys 0 and up are the store's own (schema, months); callers use negative keys.
+    Released by `advisory_unlock` or when the session ends.
+    """
+    return bool(conn.run(f"SELECT pg_try_advisory_lock({_LOCK_NAMESPACE}, {int(key)})")[0][0])
+
+
+def advisory_unlock(conn: pg8000.native.Connection, key: int) -> None:
+    conn.run(f"SELECT pg_advisory_unlock({_LOCK_NAMESPACE}, {int(key)})")
+
+
 def forget_partitions(conn: pg8000.native.Connection, months: Iterable[date] | None = None) -> None:
     """Drop this process's memory of partitions (all, or some months) after dropping them."""
     _partitions.forget(conn, months)

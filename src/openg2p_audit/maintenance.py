@@ -1,0 +1,608 @@
+"""Hourly maintenance: monthly partitions ahead, expired partitions dropped, the DLQ redriven.
+
+A Knative PingSource fires `maintain` every hour with an event of type
+`dev.knative.sources.ping`. A PingSource retries only a few times within about
+a minute, so a run is quick and idempotent, and it answers only after its work
+is committed: partitions are created and dropped in committed transactions,
+and a dead-letter record's offset is committed only after its row is.
+
+Every run, under one PostgreSQL advisory lock (overlapping runs wait briefly,
+then report "skipped" with success rather than fail):
+
+1. Partition upkeep: the current UTC month and the next N-1 months get their
+   partitions (`PARTITIONS_AHEAD_MONTHS`); partitions whose whole range lies
+   before the retention cutoff (start of the current UTC month minus
+   `RETENTION_MONTHS`; 0 disables dropping) are removed with DROP TABLE. Only
+   tables named like a monthly partition (`store.partition_month`) and
+   attached to `audit_events` are ever dropped.
+2. Dead-letter redrive: records that a KafkaSource gave up on for a transient
+   reason (HTTP 5xx, 408, 429, or no answer at all) are stored through the one
+   insert path, `store.insert_events`; records refused for good (other 4xx, or
+   found unstorable here) stay in the dead-letter topic and are reported. The
+   consumer group `KAFKA_REDRIVE_GROUP` remembers how far redrive has read, so
+   each record is handled once.
+
+The clock is the process's UTC clock, not the ping's `time` attribute (a
+delayed or retried ping carries an old time); `upkeep` takes `now` for tests.
+Nothing is kept in memory between runs, so the function can scale to zero.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pg8000.native
+from pg8000.exceptions import InterfaceError
+from prometheus_client import Counter
+from pydantic import ValidationError
+
+from . import store
+from .kafka_binding import STRUCTURED_CONTENT_TYPE, is_binary
+from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
+from .settings import Settings, load_settings
+
+log = logging.getLogger("openg2p_audit.maintenance")
+
+PING_TYPE = "dev.knative.sources.ping"
+
+# Session advisory lock held for a whole run, in the store's namespace (the store's own
+# keys are 0 and up).
+RUN_LOCK = -1
+# How long a run waits for an overlapping one before reporting itself skipped.
+LOCK_WAIT_SECONDS = 5.0
+
+# How many permanent dead-letter records a summary names (all are counted).
+PERMANENT_SAMPLES = 10
+
+prepare_multiprocess_metrics()
+RUNS = Counter("audit_maintenance_runs_total", "Maintenance runs, by outcome", ["status"])
+PARTITIONS_CREATED = Counter(
+    "audit_maintenance_partitions_created_total", "Monthly partitions created ahead"
+)
+PARTITIONS_DROPPED = Counter(
+    "audit_maintenance_partitions_dropped_total", "Monthly partitions dropped after retention"
+)
+DLQ_REDRIVEN = Counter(
+    "audit_maintenance_dlq_redriven_total",
+    "Dead-letter records stored again (new rows or rows already present)",
+)
+DLQ_PERMANENT = Counter(
+    "audit_maintenance_dlq_permanent_total",
+    "Dead-letter records left in the dead-letter topic as permanent failures, by reason",
+    ["reason"],
+)
+
+
+class MaintenanceError(RuntimeError):
+    """A run did not finish its work; the PingSource should retry."""
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+@dataclass
+class RedriveSummary:
+    """One redrive pass over the dead-letter topic."""
+
+    topic: str
+    group: str
+    dry_run: bool = False
+    dlq_seen: int = 0  # records read this run
+    redriven: int = 0  # transient failures stored (or, in a dry run, that would be)
+    inserted: int = 0
+    duplicates: int = 0
+    dlq_permanent_seen: int = 0  # records left in the DLQ, first met by this run
+    permanent: list[dict[str, Any]] = field(default_factory=list)  # a few of them
+    remaining: int = 0  # records before the end observed at start, left for the next run
+    committed: dict[int, int] = field(default_factory=dict)  # partition -> next offset
+    skipped: str | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["committed"] = {str(p): o for p, o in sorted(self.committed.items())}
+        return out
+
+
+@dataclass
+class UpkeepSummary:
+    """What one maintenance run did (or, dry, would do)."""
+
+    now: str
+    dry_run: bool = False
+    status: str = "ok"  # ok | skipped | error
+    cutoff: str | None = None  # partitions wholly before this are dropped
+    created: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    redrive: RedriveSummary | None = None
+    skipped: str | None = None
+    error: str | None = None
+    duration_ms: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["redrive"] = self.redrive.as_dict() if self.redrive else None
+        return out
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def _month_start(month: date) -> datetime:
+    return datetime(month.year, month.month, 1, tzinfo=UTC)
+
+
+def retention_cutoff(now: datetime, retention_months: int) -> datetime | None:
+    """Start of the current UTC month minus the retention; None when dropping is disabled."""
+    if retention_months <= 0:
+        return None
+    return _month_start(store.add_months(store.month_of(now), -retention_months))
+
+
+def months_ahead(now: datetime, count: int) -> list[date]:
+    """The current UTC month and the next count-1."""
+    current = store.month_of(now)
+    return [store.add_months(current, i) for i in range(count)]
+
+
+def expired(month: date, cutoff: datetime | None) -> bool:
+    """Whether a partition's whole range [start, end) lies before the cutoff."""
+    return cutoff is not None and store.month_bounds(month)[1] <= cutoff
+
+
+def upkeep(
+    settings: Settings,
+    conn: pg8000.native.Connection,
+    now: datetime | None = None,
+    dry_run: bool = False,
+) -> UpkeepSummary:
+    """Create the partitions ahead and drop the expired ones; return after both are committed.
+
+    Idempotent: a second run at the same time creates and drops nothing. The
+    caller serialises runs (see `run_maintenance`); correctness against the
+    writer, which may create a month at the same moment, comes from the store's
+    per-month advisory locks.
+    """
+    now = now or datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must carry a time zone")
+    cutoff = retention_cutoff(now, settings.retention_months)
+    summary = UpkeepSummary(
+        now=now.astimezone(UTC).isoformat(),
+        dry_run=dry_run,
+        cutoff=cutoff.isoformat() if cutoff else None,
+    )
+    if not dry_run:
+        store.ensure_schema(conn)
+    existing = store.list_partitions(conn)  # the catalog, not this process's cache
+
+    for month in months_ahead(now, settings.partitions_ahead_months):
+        if month in existing:
+            continue
+        name = store.partition_name(month)
+        if dry_run:
+            summary.created.append(name)
+            continue
+        store.forget_partitions(conn, [month])  # the catalog says it is missing: recheck
+        if store.ensure_partition(conn, month):
+            summary.created.append(name)
+            PARTITIONS_CREATED.inc()
+
+    kept = set(summary.created)
+    for month, name in sorted(existing.items()):
+        if not expired(month, cutoff):
+            kept.add(name)
+        elif dry_run:
+            summary.dropped.append(name)
+        elif store.drop_partition(conn, month):  # False: another session dropped it first
+            summary.dropped.append(name)
+            PARTITIONS_DROPPED.inc()
+    summary.kept = sorted(kept)
+    return summary
+
+
+# --------------------------------------------------------------------------- dead letters
+
+_ERROR_PREFIX = "ce_knativeerror"
+
+
+def is_transient(code: str | None) -> bool:
+    """Whether a dead-letter error code means "not now" rather than "never".
+
+    No code means the subscriber never answered (timeout, connection refused).
+    """
+    if code is None or not code.strip():
+        return True
+    try:
+        status = int(code.strip())
+    except ValueError:
+        return False
+    return status >= 500 or status in (408, 429)
+
+
+def _header(headers: list[tuple[str, bytes]], name: str) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("utf-8", "replace") if value is not None else None
+    return None
+
+
+_ERROR_ATTRIBUTES = ("id", "knativeerrorcode", "knativeerrordata")
+
+
+def error_attributes(
+    headers: list[tuple[str, bytes]], value: bytes | None
+) -> dict[str, str | None]:
+    """The event id and the knativeerror* attributes of a dead letter, binary or structured mode."""
+    if is_binary(headers):
+        return {name: _header(headers, f"ce_{name}") for name in _ERROR_ATTRIBUTES}
+    found: dict[str, str | None] = dict.fromkeys(_ERROR_ATTRIBUTES)
+    if (_header(headers, "content-type") or "").startswith(STRUCTURED_CONTENT_TYPE):
+        try:
+            envelope = json.loads(value or b"")
+        except ValueError:
+            envelope = None
+        if isinstance(envelope, dict):
+            for name in _ERROR_ATTRIBUTES:
+                if envelope.get(name) is not None:
+                    found[name] = str(envelope[name])
+    return found
+
+
+def _refusal_reason(code: str | None, data: str | None) -> str:
+    """The reason a subscriber gave (the writer's JSON `error`), else `http_<code>`."""
+    if data:
+        with contextlib.suppress(binascii.Error, ValueError, TypeError, AttributeError):
+            body = json.loads(base64.b64decode(data, validate=False))
+            reason = body.get("error")
+            if isinstance(reason, str) and 0 < len(reason) <= 64:
+                return reason
+    return f"http_{(code or '').strip() or 'none'}"
+
+
+def event_from_dead_letter(headers: list[tuple[str, bytes]], key: bytes | None, value: bytes):
+    """The audit event inside a dead-letter record, decoded as the writer path decodes it.
+
+    The dead-letter sink writes the event in binary mode plus the
+    `knativeerror*` extensions, which are delivery metadata and are removed.
+    A record the KafkaSource had wrapped (no CloudEvent in the original
+    record) carries the original value as its data. Raises writer.Rejection,
+    store.UnstorableEvent or pydantic.ValidationError for what cannot be stored.
+    """
+    from .replay import event_from_record
+    from .writer import WRAPPED_TYPE, unwrap_structured, validate_attributes
+
+    kept = [(k, v) for k, v in headers if not k.lower().startswith(_ERROR_PREFIX)]
+    if _header(kept, "ce_type") == WRAPPED_TYPE:
+        return validate_attributes(unwrap_structured(value, _header(kept, "ce_id")))
+    return event_from_record(kept, key, value)
+
+
+def redrive(
+    settings: Settings,
+    conn: pg8000.native.Connection,
+    *,
+    dry_run: bool = False,
+    max_records: int | None = None,
+    max_seconds: float | None = None,
+) -> RedriveSummary:
+    """Store the transient failures in the DLQ, up to the end offsets seen at start.
+
+    Offsets are committed to the redrive group only after the rows they stand
+    for are committed in PostgreSQL, batch by batch. A database failure stops
+    the pass with `error` set and that batch's offsets uncommitted, so the next
+    run handles the same records again (the insert is idempotent). A dry run
+    reads and classifies but stores nothing and commits nothing.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    limit = settings.redrive_max_records if max_records is None else max_records
+    seconds = settings.redrive_max_seconds if max_seconds is None else max_seconds
+    summary = RedriveSummary(
+        topic=settings.kafka_dlq_topic, group=settings.kafka_redrive_group, dry_run=dry_run
+    )
+    if not settings.kafka_configured:
+        summary.skipped = "KAFKA_BOOTSTRAP_SERVERS is not set"
+        return summary
+    if limit <= 0:
+        summary.skipped = "REDRIVE_MAX_RECORDS is 0"
+        return summary
+    deadline = time.monotonic() + seconds
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=settings.kafka_redrive_group,
+        client_id="openg2p-audit-redrive",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=500,
+        request_timeout_ms=30000,
+        bootstrap_timeout_ms=10000,  # an unreachable broker fails the pass, not the whole ping
+    )
+    try:
+        available = consumer.partitions_for_topic(settings.kafka_dlq_topic)
+        if not available:
+            summary.skipped = f"topic {settings.kafka_dlq_topic!r} does not exist"
+            return summary
+        tps = [TopicPartition(settings.kafka_dlq_topic, p) for p in sorted(available)]
+        first = consumer.beginning_offsets(tps)
+        ends = consumer.end_offsets(tps)
+        starts: dict[TopicPartition, int] = {}
+        for tp in tps:
+            done = consumer.committed(tp)
+            starts[tp] = max(done if done is not None else 0, first[tp])
+        summary.committed = {tp.partition: starts[tp] for tp in tps}
+        todo = {tp: ends[tp] for tp in tps if starts[tp] < ends[tp]}
+        if todo:
+            consumer.assign(list(todo))
+            for tp in todo:
+                consumer.seek(tp, starts[tp])
+
+        def commit(offsets: dict[TopicPartition, int]) -> None:
+            if not offsets:
+                return
+            if not dry_run:
+                consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            for tp, o in offsets.items():
+                summary.committed[tp.partition] = o
+
+        while todo and summary.dlq_seen < limit and time.monotonic() < deadline:
+            wait_ms = max(1, min(500, int((deadline - time.monotonic()) * 1000)))
+            polled = consumer.poll(timeout_ms=wait_ms, max_records=500)
+            batch = _Batch()
+            advanced: dict[TopicPartition, int] = {}
+            for tp, records in polled.items():
+                end = todo.get(tp)
+                if end is None:
+                    continue
+                for record in records:
+                    if record.offset >= end or summary.dlq_seen >= limit:
+                        break
+                    summary.dlq_seen += 1
+                    _classify(record, tp.partition, batch)
+                    advanced[tp] = record.offset + 1
+            if batch.rows and not dry_run:
+                if not _store_rows(conn, batch, summary):
+                    return summary  # nothing of this batch committed: the next run redoes it
+            elif batch.rows:
+                summary.redriven += len(batch.rows)
+            commit(advanced)
+            _settle(summary, batch)  # counted once their offsets are committed
+            if summary.dlq_seen >= limit:
+                break
+            for tp in list(todo):
+                # position() also steps over offsets that hold no record (transaction markers).
+                if consumer.position(tp) >= todo[tp]:
+                    if summary.committed[tp.partition] < todo[tp]:
+                        commit({tp: todo[tp]})
+                    del todo[tp]
+                    consumer.pause(tp)
+        summary.remaining = sum(max(0, ends[tp] - summary.committed[tp.partition]) for tp in tps)
+        return summary
+    finally:
+        consumer.close(autocommit=False)
+
+
+@dataclass
+class _Batch:
+    """One poll's dead letters: rows to store, and permanent failures with their reasons."""
+
+    rows: list[tuple[store.Row, dict[str, Any]]] = field(default_factory=list)
+    permanent: list[tuple[dict[str, Any], str, str | None]] = field(default_factory=list)
+
+
+def _classify(record, partition: int, batch: _Batch) -> None:
+    """A row to store for a transient failure; a permanent failure otherwise."""
+    from .writer import Rejection
+
+    headers = list(record.headers or [])
+    attrs = error_attributes(headers, record.value)
+    code = attrs["knativeerrorcode"]
+    where = {"id": attrs["id"], "code": code, "partition": partition, "offset": record.offset}
+    if not is_transient(code):
+        batch.permanent.append((where, _refusal_reason(code, attrs["knativeerrordata"]), None))
+        return
+    try:
+        event = event_from_dead_letter(headers, record.key, record.value or b"")
+        batch.rows.append((store.event_to_row(event), where))
+    except Rejection as rej:
+        batch.permanent.append((where, rej.reason, rej.message))
+    except store.UnstorableEvent as exc:
+        batch.permanent.append((where, "unstorable", str(exc)))
+    except ValidationError as exc:
+        batch.permanent.append((where, "invalid_event", str(exc).splitlines()[0]))
+
+
+def _settle(summary: RedriveSummary, batch: _Batch) -> None:
+    """Count, report and log a batch's permanent failures."""
+    for where, reason, message in batch.permanent:
+        summary.dlq_permanent_seen += 1
+        if not summary.dry_run:
+            DLQ_PERMANENT.labels(reason).inc()
+        if len(summary.permanent) < PERMANENT_SAMPLES:
+            summary.permanent.append(
+                {**where, "reason": reason, **({"message": message} if message else {})}
+            )
+        log.warning(
+            "dead-letter record %s stays in the DLQ: %s", where["id"], reason,
+            extra={**where, "reason": reason},
+        )  # fmt: skip
+
+
+def _store_rows(conn: pg8000.native.Connection, batch: _Batch, summary: RedriveSummary) -> bool:
+    """Insert one batch; False (with `error` set) when the database is unavailable."""
+    rows = batch.rows
+    try:
+        try:
+            result = store.insert_events(conn, [row for row, _ in rows])
+            summary.inserted += result.inserted
+            summary.duplicates += result.duplicates
+            summary.redriven += len(rows)
+            DLQ_REDRIVEN.inc(len(rows))
+            return True
+        except Exception as exc:
+            if not store.is_permanent(exc):
+                raise
+        # One row PostgreSQL refuses must not hold back the others: one by one.
+        for row, where in rows:
+            try:
+                result = store.insert_events(conn, [row])
+            except Exception as exc:
+                if not store.is_permanent(exc):
+                    raise
+                batch.permanent.append((where, "database_refused", str(exc)))
+                continue
+            summary.inserted += result.inserted
+            summary.duplicates += result.duplicates
+            summary.redriven += 1
+            DLQ_REDRIVEN.inc()
+        return True
+    except Exception as exc:  # noqa: BLE001 - reported; offsets stay uncommitted
+        summary.error = f"database unavailable during redrive: {exc}"
+        log.error("redrive stopped, offsets not committed: %s", exc)
+        return False
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+def _try_lock(conn: pg8000.native.Connection, wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        got = store.try_advisory_lock(conn, RUN_LOCK)
+        if got or time.monotonic() >= deadline:
+            return got
+        time.sleep(0.1)
+
+
+def _unlock(conn: pg8000.native.Connection) -> None:
+    # A lost connection has released the session lock already.
+    with contextlib.suppress(Exception):
+        store.advisory_unlock(conn, RUN_LOCK)
+
+
+def run_maintenance(
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    dry_run: bool = False,
+    redrive_dlq: bool = True,
+    lock_wait: float = LOCK_WAIT_SECONDS,
+) -> UpkeepSummary:
+    """One run: lock, partition upkeep, dead-letter redrive.
+
+    Raises when the partition work fails (database unreachable, a lock timeout);
+    a redrive failure is returned with status "error" after the partitions are done.
+    """
+    started = time.perf_counter()
+    conn = store.connect(settings, application_name="openg2p-audit-maintenance")
+    try:
+        if not _try_lock(conn, lock_wait):
+            summary = UpkeepSummary(
+                now=(now or datetime.now(UTC)).astimezone(UTC).isoformat(),
+                dry_run=dry_run,
+                status="skipped",
+                skipped="another run holds the lock",
+            )
+        else:
+            try:
+                summary = upkeep(settings, conn, now=now, dry_run=dry_run)
+                if redrive_dlq:
+                    try:
+                        summary.redrive = redrive(settings, conn, dry_run=dry_run)
+                    except Exception as exc:  # noqa: BLE001 - Kafka trouble is reported
+                        summary.redrive = RedriveSummary(
+                            topic=settings.kafka_dlq_topic,
+                            group=settings.kafka_redrive_group,
+                            dry_run=dry_run,
+                            error=f"dead-letter topic unavailable: {exc}",
+                        )
+                    if summary.redrive.error:
+                        summary.status = "error"
+                        summary.error = summary.redrive.error
+            finally:
+                _unlock(conn)
+    finally:
+        conn.close()
+    summary.duration_ms = round((time.perf_counter() - started) * 1000)
+    return summary
+
+
+# --------------------------------------------------------------------------- the function
+
+
+def maintain(cloud_event) -> dict[str, Any]:
+    """functions-framework CloudEvent target, fired hourly by a PingSource.
+
+    Returns (and logs) the JSON summary once the work is committed; raises
+    when it is not, so functions-framework answers 500 and the PingSource retries.
+    """
+    configure_logging()
+    event_type = cloud_event["type"] if cloud_event is not None else None
+    if event_type != PING_TYPE:
+        log.info("maintenance triggered by an event of type %s", event_type)
+    settings = load_settings()
+    if not settings.database_configured:
+        RUNS.labels("error").inc()
+        log.error("maintenance failed: DATABASE_URL (or DB_HOST) is not set")
+        raise MaintenanceError("DATABASE_URL (or DB_HOST) is not set")
+    try:
+        summary = run_maintenance(settings)
+    except Exception as exc:
+        RUNS.labels("error").inc()
+        what = "database unavailable" if _unreachable(exc) else "maintenance failed"
+        log.error(
+            "%s (%s): %s; nothing reported done, the ping should be retried",
+            what, settings.database_dsn, exc, extra={"status": "error"},
+        )  # fmt: skip
+        raise MaintenanceError(f"{what}: {exc}") from exc
+    report = summary.as_dict()
+    RUNS.labels(summary.status).inc()
+    if summary.status == "error":
+        log.error("maintenance incomplete: %s", summary.error, extra={"summary": report})
+        raise MaintenanceError(summary.error or "maintenance incomplete")
+    log.info("maintenance %s", summary.status, extra={"summary": report})
+    return report
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """A lost or refused connection, as opposed to an error PostgreSQL reported."""
+    return isinstance(exc, InterfaceError | OSError) or store.sqlstate(exc) in (
+        "57P01",  # admin_shutdown
+        "57P03",  # cannot_connect_now
+    )
+
+
+def add_routes() -> None:
+    """GET /metrics, /healthz and /readyz beside the CloudEvent route (functions-framework).
+
+    A CloudEvent function answers only POST; functions-framework imports the
+    source inside its Flask application context, so the app is reachable here.
+    """
+    import flask
+
+    if not flask.has_app_context():
+        return
+    app = flask.current_app
+    if "maintenance_metrics" in app.view_functions:
+        return
+    app.add_url_rule("/metrics", "maintenance_metrics", metrics_response, methods=["GET"])
+    # Readiness is liveness here: a run checks PostgreSQL and Kafka itself and fails
+    # (so the PingSource retries) when they are away; an idle pod needs neither.
+    for path in ("/healthz", "/readyz"):
+        app.add_url_rule(
+            path,
+            "maintenance_" + path.strip("/"),
+            lambda: ({"status": "ok"}, 200),
+            methods=["GET"],
+        )
