@@ -107,7 +107,9 @@ def test_dev_up_prints_a_curl_that_lands_and_ctrl_c_stops_everything(topics, tmp
             # Bounded: every stop step has its own timeout; generous for a loaded CI box.
             code = proc.wait(120)
         except subprocess.TimeoutExpired:
-            tail = "".join(seen[-5:]) + "".join(iter(lambda: q.get(timeout=1) or "", ""))[-3000:]
+            while not q.empty():
+                seen.append(q.get() or "")
+            tail = "".join(seen)[-3000:]
             raise AssertionError(f"dev up still running 120 s after Ctrl-C:\n{tail}") from None
         assert code == 0
     finally:
