@@ -80,6 +80,7 @@ from pipeline_support import (
 )
 
 INGEST, WRITER, MAINTENANCE = "audit-ingest", "audit-writer", "audit-maintenance"
+IDLE_RECONNECT_S = 1.0
 TARGET_RATE, TARGET_P99_S = 2000, 2.0  # drawn on the plot
 
 
@@ -161,11 +162,17 @@ def _client(port, tag, client, batch, req_rate, connections, start_at, stop_at, 
         now = time.time()
         while now >= next_due and next_due < stop_at and free:
             s = free.popleft()
+            if now - states[s].get("used", now) > IDLE_RECONNECT_S:
+                # gunicorn closes keep-alive connections idle for 2 s; a request sent just as
+                # it does would fail for a reason that has nothing to do with the pipeline.
+                drop(s)
+                connect()
+                s = free.pop()
             payload, tracked = _request(tag, client, seq, batch)
             seq += 1
             if now - next_due > 0.05:
                 late += 1
-            states[s].update(t0=now, buf=b"", tracked=tracked)
+            states[s].update(t0=now, buf=b"", tracked=tracked, used=now)
             s.sendall(payload)
             next_due += interval
             now = time.time()
@@ -199,6 +206,7 @@ def _client(port, tag, client, batch, req_rate, connections, start_at, stop_at, 
             t = time.time()
             status = int(head[9:12])
             acks.append((t, status, batch, t - st["t0"]))
+            st["used"] = t
             if status == 202:
                 samples.put((st["tracked"], t))
             free.append(s)
