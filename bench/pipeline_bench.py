@@ -44,6 +44,7 @@ import json
 import multiprocessing as mp
 import os
 import selectors
+import shutil
 import signal
 import socket
 import statistics
@@ -512,6 +513,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             kafka.stop()
         if pg is not None:
             pg.stop()
+        if not args.workdir and not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)  # Kafka and PostgreSQL data, logs
     result["loadavg_after"] = os.getloadavg()
     return result
 
@@ -790,7 +793,8 @@ def main() -> int:
     ap.add_argument("--ingest-threads", type=int, help="THREADS of audit-ingest (bench only)")
     ap.add_argument("--writer-workers", type=int, help="WORKERS of audit-writer (bench only)")
     ap.add_argument("--writer-threads", type=int, help="THREADS of audit-writer (bench only)")
-    ap.add_argument("--workdir")
+    ap.add_argument("--workdir", help="kept afterwards (default: a temporary folder, removed)")
+    ap.add_argument("--keep-workdir", action="store_true", help="keep the temporary folder")
     ap.add_argument("--results", default=str(REPO / "bench" / "results"))
     ap.add_argument("--plot", default=str(REPO / "docs" / "img" / "pipeline-bench.png"))
     ap.add_argument("--no-plot", action="store_true")
