@@ -379,6 +379,15 @@ BAD = {
         "/", STRUCTURED, lambda: json.dumps(event(data=data(reason="\u0000"))).encode("utf-16"),
         400, [P("invalid_json")],
     ),
+    # Python's json takes these, but they would be stored as null.
+    "NaN is not json": (
+        "/", STRUCTURED, lambda: json.dumps(event(data=data(context={"score": float("nan")}))),
+        400, [P("invalid_json")],
+    ),
+    "number out of range, binary": (
+        "/", binary_headers(), b'{"actor": {"id": "u"}, "action": "a", "outcome": "success",'
+        b' "amount": -1e400}', 400, [P("invalid_json")],
+    ),
     # Parses as a valid time, but its UTC instant is past year 9999.
     "time beyond year 9999 in utc": (
         "/", STRUCTURED, lambda: event(time="9999-12-31T23:59:59-23:59"), 400,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -120,7 +121,9 @@ def _json(body: bytes) -> Any:
     # UTF-8 only (RFC 8259 section 8.1): json.loads would also guess UTF-16 and UTF-32, whose
     # bytes hide the `\u0000` and surrogate escapes from the scans of the raw body.
     try:
-        value = json.loads(body.decode("utf-8-sig"))
+        value = json.loads(
+            body.decode("utf-8-sig"), parse_constant=_not_json, parse_float=_finite_float
+        )
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
         raise _problem("invalid_json", f"body is not valid JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(value):
@@ -129,6 +132,18 @@ def _json(body: bytes) -> Any:
         raise _problem(
             "invalid_json", "body is not valid JSON: a string holds an unpaired surrogate escape"
         )
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 would become inf, which is serialised as null: the event would be stored altered.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
     return value
 
 
