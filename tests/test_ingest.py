@@ -361,6 +361,42 @@ BAD = {
         "/", STRUCTURED, lambda: event(time=now_z(timedelta(hours=1))), 400,
         [P("time_window", "time")],
     ),
+    # A lone surrogate escape is not Unicode text: it could be neither produced nor stored.
+    "lone surrogate escape": (
+        "/", STRUCTURED, lambda: json.dumps(event(data=data(reason="\ud800"))), 400,
+        [P("invalid_json")],
+    ),
+    "lone surrogate escape in a key, binary": (
+        "/", binary_headers(), b'{"actor": {"id": "u"}, "action": "a", "outcome": "success",'
+        b' "\\udc00": 1}', 400, [P("invalid_json")],
+    ),
+    "lone surrogate escape in a batch": (
+        LEGACY_BATCH, JSON, lambda: json.dumps({"events": [event(), event(subject="\udfff")]}),
+        400, [P("invalid_json")],
+    ),
+    # Only UTF-8 is JSON here; in UTF-16 the escape of U+0000 would go unseen.
+    "utf-16 body": (
+        "/", STRUCTURED, lambda: json.dumps(event(data=data(reason="\u0000"))).encode("utf-16"),
+        400, [P("invalid_json")],
+    ),
+    # Python's json takes these, but they would be stored as null.
+    "NaN is not json": (
+        "/", STRUCTURED, lambda: json.dumps(event(data=data(context={"score": float("nan")}))),
+        400, [P("invalid_json")],
+    ),
+    "number out of range, binary": (
+        "/", binary_headers(), b'{"actor": {"id": "u"}, "action": "a", "outcome": "success",'
+        b' "amount": -1e400}', 400, [P("invalid_json")],
+    ),
+    # Parses as a valid time, but its UTC instant is past year 9999.
+    "time beyond year 9999 in utc": (
+        "/", STRUCTURED, lambda: event(time="9999-12-31T23:59:59-23:59"), 400,
+        [P("schema", "time")],
+    ),
+    "time before year 1 in utc, binary": (
+        "/", binary_headers(**{"ce-time": "0001-01-01T00:00:00+01:00"}), data(), 400,
+        [P("schema", "time")],
+    ),
     "nested too deep": (
         "/", STRUCTURED, lambda: event(data=data(context=nested(8))), 400, [P("depth")],
     ),

@@ -129,7 +129,11 @@ class AuditEvent(BaseModel):
     @field_validator("time")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        # 9999-12-31T23:59:59-01:00 parses, but its UTC instant is past datetime.max.
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("must fall within the years 0001-9999 in UTC") from None
 
     @field_validator("datacontenttype")
     @classmethod

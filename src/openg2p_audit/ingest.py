@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -110,11 +112,55 @@ def _body(request: flask.Request, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
+# The escape of a UTF-16 surrogate (\ud800-\udfff), in either case, and the character.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _json(body: bytes) -> Any:
+    # UTF-8 only (RFC 8259 section 8.1): json.loads would also guess UTF-16 and UTF-32, whose
+    # bytes hide the `\u0000` and surrogate escapes from the scans of the raw body.
     try:
-        return json.loads(body)
+        value = json.loads(
+            body.decode("utf-8-sig"), parse_constant=_not_json, parse_float=_finite_float
+        )
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
         raise _problem("invalid_json", f"body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(value):
+        # json.loads joins escaped pairs into one character and keeps a lone half as is;
+        # such a string is not Unicode text: it cannot be encoded for Kafka nor stored.
+        raise _problem(
+            "invalid_json", "body is not valid JSON: a string holds an unpaired surrogate escape"
+        )
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 would become inf, which is serialised as null: the event would be stored altered.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string or key holds U+D800-U+DFFF (walked without recursion)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _header_value(value: str) -> str:
