@@ -124,3 +124,26 @@ def test_json_schema_is_published_from_the_models():
     schema = json_schema()
     assert set(schema["required"]) >= {"specversion", "id", "source", "type", "data"}
     assert "AuditData" in schema["$defs"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_numbers_are_refused_with_their_path(bad):
+    data = {
+        "actor": {"id": "officer-7"},
+        "action": "view",
+        "outcome": "success",
+        "context": {"scores": [1.5, {"risk": bad}]},
+    }
+    with pytest.raises(ValidationError) as info:
+        AuditEvent.model_validate(
+            {"specversion": "1.0", "id": "e1", "source": "/s", "type": "t", "data": data}
+        )
+    assert "context.scores[1].risk: NaN and Infinity are not JSON numbers" in str(info.value)
+
+
+def test_finite_floats_pass():
+    data = {"actor": {"id": "officer-7"}, "action": "pay", "outcome": "success", "amount": 12.5}
+    event = AuditEvent.model_validate(
+        {"specversion": "1.0", "id": "e1", "source": "/s", "type": "t", "data": data}
+    )
+    assert event.data_json()["amount"] == 12.5

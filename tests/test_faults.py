@@ -182,6 +182,8 @@ def test_poison_records_are_dead_lettered_and_stay_there(pipeline, settings, rep
         f"{tag}-no-actor": (b'{"action": "view", "outcome": "success"}', b"1.0"),
         f"{tag}-nul": (data.replace(b'"view"', b'"vi\\u0000ew"'), b"1.0"),
         f"{tag}-specversion": (data, b"0.3"),
+        f"{tag}-surrogate": (data.replace(b'"view"', b'"vi\\ud800ew"'), b"1.0"),
+        f"{tag}-nan": (data.replace(b'"view"', b'"view", "score": NaN'), b"1.0"),
     }
     records = [(None, value, _poison_headers(i, sv)) for i, (value, sv) in poison.items()]
     records.append((None, data, _poison_headers(good["id"])))

@@ -13,6 +13,7 @@ an emitter adds is kept, because an auditor may need it years later.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -91,6 +92,15 @@ class AuditData(BaseModel):
     reason: str | None = None
     changes: list[Any] | None = None
     context: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, value: Any) -> Any:
+        # Python's json reads NaN and Infinity; pydantic would later write them as null.
+        where = find_non_finite(value)
+        if where is not None:
+            raise ValueError(f"{where}: NaN and Infinity are not JSON numbers")
+        return value
 
 
 def utcnow() -> datetime:
@@ -223,6 +233,32 @@ def find_nul(value: Any, path: str = "") -> str | None:
             found = find_nul(v, f"{path}[{i}]")
             if found:
                 return found
+    return None
+
+
+def find_non_finite(value: Any) -> str | None:
+    """Path of the first NaN or infinite float; the common case is one pass without paths."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                break
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    else:
+        return None
+    paths = [("", value)]
+    while paths:
+        path, v = paths.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return path or "$"
+        if isinstance(v, dict):
+            paths.extend((f"{path}.{k}" if path else str(k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            paths.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
     return None
 
 

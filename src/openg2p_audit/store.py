@@ -444,12 +444,21 @@ def event_to_row(event: AuditEvent) -> Row:
         outcome=data.outcome.value,
         reason=data.reason,
         trace_id=event.trace_id,
-        details=None
-        if details is None
-        else json.dumps(details, separators=(",", ":"), ensure_ascii=False),
+        details=None if details is None else _details_json(details),
     )
     _check_storable(row, details)
     return row
+
+
+def _details_json(details: dict) -> str:
+    try:
+        return json.dumps(details, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        # Python's json reads NaN and Infinity, and would write them back as bare
+        # tokens that are not JSON: jsonb refuses them, or worse, a reader does.
+        raise UnstorableEvent(
+            "details hold a non-finite number (NaN or Infinity), which JSON cannot carry"
+        ) from None
 
 
 _TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in ("occurred_at", "details"))
