@@ -211,5 +211,8 @@ def test_sigterm_during_load_loses_nothing_that_was_answered_202(topics, tmp_pat
     }
     missing = set(load.accepted) - on_topic
     assert not missing, f"{len(missing)} of {len(load.accepted)} ids answered 202 are not stored"
-    # Each worker flushed and closed its producer on the way out.
-    assert fn.log_text().count('"msg": "Kafka producer closed"') == 2
+    # Each worker that opened a producer (on its first request) flushed and closed it.
+    log_text = fn.log_text()
+    opened = log_text.count('"msg": "Kafka producer ready"')
+    assert opened >= 1
+    assert log_text.count('"msg": "Kafka producer closed"') == opened

@@ -113,29 +113,41 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt, so Ctrl-C (or a supervisor's SIGINT) would be lost.
+    serving = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if not serving.is_set():
+            raise KeyboardInterrupt  # still starting: abandon the start, clean up
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
     workdir = (
         Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="openg2p-audit-"))
     )
     manifests = Path(args.manifests) if args.manifests else REPO_ROOT / "knative" / "base"
     print(f"starting local services in {workdir} ...", flush=True)
-    with local_services(settings, workdir) as (live, _kafka, _pg):
-        ensure_topics(live)
-        runner = Runner(
-            manifests, live, workdir=workdir / "runner", port=args.port,
-            commit_interval=args.commit_interval,
-        )  # fmt: skip
-        try:
-            runner.start()
-            runner.wait_ready()
-            _print_dev_up(runner, live, _this_command())
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-        finally:
-            print("stopping ...", flush=True)
-            runner.stop()
+    try:
+        with local_services(settings, workdir) as (live, _kafka, _pg):
+            ensure_topics(live)
+            runner = Runner(
+                manifests, live, workdir=workdir / "runner", port=args.port,
+                commit_interval=args.commit_interval,
+            )  # fmt: skip
+            try:
+                runner.start()
+                runner.wait_ready()
+                _print_dev_up(runner, live, _this_command())
+                serving.set()
+                while not stop.wait(0.5):
+                    pass
+            finally:
+                print("stopping ...", flush=True)
+                runner.stop()
+    except KeyboardInterrupt:
+        pass
     print("stopped.", flush=True)
     return 0
 
