@@ -23,11 +23,13 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 from kubernetes_validate.utils import latest_version, schema_contents
 from referencing import Registry, Resource
 
 REPO = Path(__file__).resolve().parent.parent
 KNATIVE = REPO / "knative"
+DOCKERFILE = REPO / "Dockerfile"
 CRD_SCHEMAS = Path(__file__).resolve().parent / "schemas" / "knative"
 
 # The Kubernetes release whose core schemas the ConfigMap and Secret must pass.
@@ -200,3 +202,25 @@ def validation_errors(obj: dict[str, Any]) -> list[str]:
         where = ".".join(str(p) for p in err.path) or "(root)"
         problems.append(f"{where}: {err.message}")
     return problems
+
+
+def stages() -> dict[str, dict]:
+    """Stage name -> {"from": base, "instructions": [(INSTRUCTION, value), ...]}."""
+    parser = DockerfileParser(str(DOCKERFILE))
+    args = {}
+    found: dict[str, dict] = {}
+    current = None
+    for item in parser.structure:
+        instruction, value = item["instruction"], item["value"]
+        if instruction == "ARG" and current is None:
+            name, _, default = value.partition("=")
+            args[name] = default
+        elif instruction == "FROM":
+            base, _, name = value.partition(" AS ")
+            for arg, default in args.items():
+                base = base.replace("${" + arg + "}", default)
+            current = {"from": base.strip(), "instructions": []}
+            found[name.strip()] = current
+        elif current is not None and instruction != "COMMENT":
+            current["instructions"].append((instruction, value))
+    return found

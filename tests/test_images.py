@@ -16,11 +16,9 @@ import subprocess
 
 import pytest
 import yaml
-from dockerfile_parse import DockerfileParser
 
-from manifest_checks import REPO, objects, tool
+from manifest_checks import DOCKERFILE, REPO, objects, stages, tool
 
-DOCKERFILE = REPO / "Dockerfile"
 FUNCTION_VARS = ("FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE", "FUNCTION_SOURCE")
 
 
@@ -33,28 +31,6 @@ def hadolint(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
         timeout=120,
         check=False,
     )
-
-
-def stages() -> dict[str, dict]:
-    """Stage name -> {"from": base, "instructions": [(INSTRUCTION, value), ...]}."""
-    parser = DockerfileParser(str(DOCKERFILE))
-    args = {}
-    found: dict[str, dict] = {}
-    current = None
-    for item in parser.structure:
-        instruction, value = item["instruction"], item["value"]
-        if instruction == "ARG" and current is None:
-            name, _, default = value.partition("=")
-            args[name] = default
-        elif instruction == "FROM":
-            base, _, name = value.partition(" AS ")
-            for arg, default in args.items():
-                base = base.replace("${" + arg + "}", default)
-            current = {"from": base.strip(), "instructions": []}
-            found[name.strip()] = current
-        elif current is not None and instruction != "COMMENT":
-            current["instructions"].append((instruction, value))
-    return found
 
 
 def env_of(stage: dict) -> dict[str, str]:

@@ -19,8 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
-from manifest_checks import KNATIVE, REPO, render
-from test_images import stages
+from manifest_checks import KNATIVE, REPO, render, stages
 
 CONFIG = yaml.safe_load((REPO / "skaffold.yaml").read_text())
 API_VERSION = "skaffold/v4beta14"
