@@ -64,21 +64,22 @@ import urllib3
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from openg2p_audit.devservices import LocalKafka, LocalPostgres
-from openg2p_audit.devservices.kafka import KAFKA_VERSION
-from openg2p_audit.settings import Settings, load_settings
-from openg2p_audit.topics import ensure_topics
-from pipeline_support import (
+from bench_support import (
     REPO,
     RunnerProcess,
-    bench_manifests,
     cpu_of,
     machine,
     machine_busy,
     service_envs,
     tree_cpu,
 )
+from openg2p_audit.devservices import LocalKafka, LocalPostgres
+from openg2p_audit.devservices.kafka import KAFKA_VERSION
+from openg2p_audit.settings import Settings, load_settings
+from openg2p_audit.topics import ensure_topics
+from pipeline_support import module_manifests  # the tests' copy of knative/base
 
 INGEST, WRITER, MAINTENANCE = "audit-ingest", "audit-writer", "audit-maintenance"
 IDLE_RECONNECT_S = 1.0
@@ -481,7 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         conn.close()
         overrides = _env_overrides(args)
-        manifests = bench_manifests(settings, workdir / "manifests", overrides)
+        manifests = module_manifests(settings, workdir / "manifests", env=overrides)
         envs = service_envs(manifests, settings, settings.database_url or "")
         result["service_env"] = {
             n: {k: e.get(k) for k in ("WORKERS", "THREADS")} for n, e in envs.items()

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from kafka import KafkaProducer  # noqa: E402
 
+from bench_support import cpu_of, descendants, machine_busy  # noqa: E402
 from function_server import FunctionServer, request, settings_env  # noqa: E402
 from openg2p_audit import store  # noqa: E402
 from openg2p_audit.contract import AuditEvent  # noqa: E402
@@ -48,56 +49,18 @@ from openg2p_audit.replay import replay  # noqa: E402
 from openg2p_audit.settings import load_settings  # noqa: E402
 from openg2p_audit.topics import ensure_topics  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 MONTH = datetime(2026, 4, 1, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- CPU accounting
 
 
-def _cpu_of(pid: int, children: bool = True) -> float:
-    """CPU seconds (user + system) of a process, plus those of its exited, reaped children
-    (database backends that closed, replay processes that finished)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    used = int(fields[11]) + int(fields[12])
-    if children:
-        used += int(fields[13]) + int(fields[14])
-    return used / TICK
-
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
 def tree_cpu(root: int | None) -> float:
     if root == os.getpid():
         # This process and the replay workers it reaped, not the local Kafka and
         # PostgreSQL servers that also run as its children.
-        return _cpu_of(root)
-    return sum(_cpu_of(p) for p in _descendants(root)) if root else 0.0
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]
-    return (sum(values) - idle) / TICK, sum(values) / TICK
+        return cpu_of(root)
+    return sum(cpu_of(p) for p in descendants(root)) if root else 0.0
 
 
 @dataclass
@@ -223,7 +186,7 @@ def run_http(
         )  # fmt: skip
         wrk_cpu = 0.0
         while wrk.poll() is None:
-            wrk_cpu = max(wrk_cpu, _cpu_of(wrk.pid))
+            wrk_cpu = max(wrk_cpu, cpu_of(wrk.pid))
             time.sleep(0.2)
         out = wrk.stdout.read()
         cpu = meter.stop(wrk_cpu)

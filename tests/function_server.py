@@ -18,18 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from openg2p_audit.devservices._process import free_port
-from openg2p_audit.settings import Settings
+from openg2p_audit.devservices.function import settings_env
+
+__all__ = ["FunctionServer", "request", "settings_env"]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment variables that reproduce `settings` in another process."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            env[name.upper()] = str(value)
-    return env
 
 
 class FunctionServer:

@@ -32,9 +32,16 @@ BROKER = "audit"
 
 
 def module_manifests(
-    settings: Settings, directory: Path, delivery: dict[str, Any] | None = None
+    settings: Settings,
+    directory: Path,
+    delivery: dict[str, Any] | None = None,
+    env: dict[str, dict[str, str]] | None = None,
 ) -> Path:
-    """knative/base with this module's topics and group; `delivery` patches the KafkaSource's."""
+    """knative/base with this module's topics and group.
+
+    `delivery` patches the KafkaSource's delivery; `env[service]` sets container env of
+    that Knative Service (the benchmarks tune WORKERS and THREADS this way).
+    """
     names = {
         "openg2p.audit.events": settings.kafka_events_topic,
         "openg2p.audit.dlq": settings.kafka_dlq_topic,
@@ -45,9 +52,15 @@ def module_manifests(
         text = path.read_text()
         for deployed, local in names.items():
             text = text.replace(deployed, local)
+        doc = yaml.safe_load(text) if path.suffix == ".yaml" else None
         if delivery and path.name == "kafkasource.yaml":
-            doc = yaml.safe_load(text)
             doc["spec"]["delivery"].update(delivery)
+            text = yaml.safe_dump(doc, sort_keys=False)
+        extra = (env or {}).get(doc.get("metadata", {}).get("name")) if doc else None
+        if doc and doc.get("kind") == "Service" and extra:
+            container = doc["spec"]["template"]["spec"]["containers"][0]
+            current = [e for e in container.get("env", []) if e["name"] not in extra]
+            container["env"] = current + [{"name": k, "value": v} for k, v in extra.items()]
             text = yaml.safe_dump(doc, sort_keys=False)
         (directory / path.name).write_text(text)
     return directory

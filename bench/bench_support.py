@@ -1,9 +1,7 @@
 """Shared by the pipeline benchmark: knative/base as deployed, run by the local eventing runner.
 
-- `bench_manifests` copies knative/base with the benchmark's topic and group names
-  (as tests/pipeline_support.py does) and, optionally, extra container env per
-  Knative Service (`WORKERS`, `THREADS`), so a run can be tuned without touching
-  the manifests the cluster gets.
+- `service_envs`: each Knative Service's environment as the runner gives it (the
+  manifests themselves are copied by tests/pipeline_support.module_manifests).
 - `RunnerProcess` runs the Runner in a child process of its own: its Kafka
   consumer and its 50 delivery threads then neither share the benchmark's GIL
   nor hide inside its CPU figures.
@@ -20,44 +18,16 @@ import platform
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from openg2p_audit.eventing.manifests import KService, load
 from openg2p_audit.eventing.runner import Runner
 from openg2p_audit.eventing.services import container_env
 from openg2p_audit.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "knative" / "base"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------- manifests
-
-
-def bench_manifests(
-    settings: Settings, directory: Path, env: dict[str, dict[str, str]] | None = None
-) -> Path:
-    """knative/base with the settings' topics and group; `env[service]` sets container env."""
-    names = {
-        "openg2p.audit.events": settings.kafka_events_topic,
-        "openg2p.audit.dlq": settings.kafka_dlq_topic,
-        "openg2p-audit-consumer": settings.kafka_consumer_group,
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    for path in BASE.iterdir():
-        text = path.read_text()
-        for deployed, local in names.items():
-            text = text.replace(deployed, local)
-        doc = yaml.safe_load(text) if path.suffix == ".yaml" else None
-        extra = (env or {}).get(doc.get("metadata", {}).get("name")) if doc else None
-        if doc and doc.get("kind") == "Service" and extra:
-            container = doc["spec"]["template"]["spec"]["containers"][0]
-            current = [e for e in container.get("env", []) if e["name"] not in extra]
-            container["env"] = current + [{"name": k, "value": v} for k, v in extra.items()]
-            text = yaml.safe_dump(doc, sort_keys=False)
-        (directory / path.name).write_text(text)
-    return directory
 
 
 def service_envs(manifest_dir: Path, settings: Settings, database_url: str) -> dict[str, dict]:
