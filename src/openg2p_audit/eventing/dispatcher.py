@@ -23,6 +23,14 @@ pause()/resume(): kafka-python 3.0.12 can leave a resumed partition's parked
 fetch unreturned forever, which silently stalls the partition. While the
 backlog is full the thread still polls for one record now and then, so the
 group membership stays alive however slow the subscriber is.
+
+A member must never sit in its group with no partitions while its topics have
+some. The group leader assigns from its own metadata; a member that joins
+right after its topic was created can find no partitions for it, and
+kafka-python would look again only after `metadata_max_age_ms` (5 minutes).
+So the member waits for its topics' metadata before it joins, and while its
+assignment is empty it refreshes the metadata every second: once partitions
+show up, the changed metadata makes it rejoin and the leader assigns them.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from .delivery import Egress, Outcome
 log = logging.getLogger(__name__)
 
 KEEPALIVE_POLL = 30.0  # seconds: poll for one record even when the backlog is full
+METADATA_WAIT = 10.0  # seconds: longest wait for the topics' partitions before joining
+UNASSIGNED_REFRESH = 1.0  # seconds between metadata refreshes while nothing is assigned
 
 # A record's Event, or None to skip it (e.g. a Trigger filter did not match).
 RecordMapper = Callable[[Any], Event]
@@ -86,6 +96,7 @@ class DispatcherStats:
     filtered: int = 0
     commits: int = 0
     outcomes: list[Outcome] = field(default_factory=list)  # the last few, newest last
+    assignments: list[set[TopicPartition]] = field(default_factory=list)  # the last few
 
 
 def _describe(tps: set[TopicPartition]) -> str:
@@ -158,6 +169,7 @@ class KafkaDispatcher:
         self._ready = threading.Event()
         self._failed: BaseException | None = None
         self._last_commit = time.monotonic()
+        self._last_refresh = time.monotonic()
         self._commit_on_stop = True
 
     # --- lifecycle -----------------------------------------------------------
@@ -246,7 +258,6 @@ class KafkaDispatcher:
                 session_timeout_ms=10000,
                 heartbeat_interval_ms=1000,
             )
-            self._consumer.subscribe(self.topics, listener=_Listener(self))
         except Exception as exc:  # noqa: BLE001 - reported to start()
             self._failed = exc
             self._ready.set()
@@ -254,9 +265,12 @@ class KafkaDispatcher:
         self._ready.set()
         consumer = self._consumer
         try:
+            self._await_topic_metadata(consumer)
+            consumer.subscribe(self.topics, listener=_Listener(self))
             while not self.egress.stopping.is_set():
                 try:
                     self._run_control()
+                    self._refresh_while_unassigned(consumer)
                     room = self.max_backlog - self._in_flight
                     if room > 0 or time.monotonic() - self._last_poll > KEEPALIVE_POLL:
                         self._last_poll = time.monotonic()
@@ -277,6 +291,35 @@ class KafkaDispatcher:
             log.exception("%s: consumer loop failed", self.name)
         finally:
             self._shutdown()
+
+    def _missing_partitions(self, consumer: KafkaConsumer) -> list[str]:
+        consumer.topics()  # always a fresh metadata request, unlike partitions_for_topic()
+        return [t for t in self.topics if not consumer.partitions_for_topic(t)]
+
+    def _await_topic_metadata(self, consumer: KafkaConsumer) -> None:
+        """Join only once every topic's partitions are known (bounded: a topic may come later)."""
+        deadline = time.monotonic() + METADATA_WAIT
+        while not self.egress.stopping.is_set():
+            try:
+                missing = self._missing_partitions(consumer)
+            except KafkaError as exc:
+                missing = [f"({exc!r})"]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                log.warning("%s: no partitions known for %s yet; joining the group anyway",
+                            self.name, ", ".join(missing))  # fmt: skip
+                return
+            self.egress.stopping.wait(0.1)
+
+    def _refresh_while_unassigned(self, consumer: KafkaConsumer) -> None:
+        """With no partitions, fetch metadata again: new partitions make the member rejoin."""
+        if self._assigned or time.monotonic() - self._last_refresh < UNASSIGNED_REFRESH:
+            return
+        self._last_refresh = time.monotonic()
+        missing = self._missing_partitions(consumer)
+        log.debug("%s: nothing assigned; metadata refreshed (no partitions for: %s)",
+                  self.name, ", ".join(missing) or "-")  # fmt: skip
 
     def _shutdown(self) -> None:
         if self._commit_on_stop:
@@ -409,6 +452,8 @@ class KafkaDispatcher:
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._assigned = set(assigned)
+        self.stats.assignments.append(set(assigned))
+        del self.stats.assignments[:-20]
         log.info("%s: partitions assigned: %s", self.name, _describe(assigned))
 
     # --- operator actions ------------------------------------------------------

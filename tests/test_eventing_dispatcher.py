@@ -1,0 +1,106 @@
+"""A dispatcher's group member gets its partitions, however soon after the topic it joins.
+
+Against the real broker: the topic is created and subscribed to at once, many
+times over, which is the race a fresh clone's test run and `dev up` hit (the
+group leader found no partitions for the brand-new topic and, without a
+metadata refresh, would have kept the empty assignment for five minutes).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from kafka import KafkaAdminClient, TopicPartition
+from kafka.admin import NewTopic
+
+from openg2p_audit.eventing import dispatcher as dispatcher_module
+from openg2p_audit.eventing.delivery import Egress
+from openg2p_audit.eventing.dispatcher import KafkaDispatcher
+from openg2p_audit.eventing.kafkasink import ensure_topic
+from openg2p_audit.eventing.manifests import Delivery
+
+PARTITIONS = 3
+ROUNDS = 15
+# Well below kafka-python's metadata_max_age_ms (300 s): only a refresh by the
+# dispatcher itself can assign the partitions within it.
+ASSIGN_WITHIN = 20.0
+
+
+def _dispatcher(boot: list[str], topic: str) -> KafkaDispatcher:
+    name = f"KafkaSource/race-{topic.rsplit('.', 1)[-1]}"
+    egress = Egress(name=name, destination="http://127.0.0.1:9/", delivery=Delivery(),
+                    namespace="test")  # fmt: skip
+    return KafkaDispatcher(
+        name=name, bootstrap_servers=boot, group=f"{topic}.group", topics=[topic],
+        egress=egress, mapper=lambda record: record, ordered=False,
+    )  # fmt: skip
+
+
+def _expected(topic: str) -> set[TopicPartition]:
+    return {TopicPartition(topic, p) for p in range(PARTITIONS)}
+
+
+def test_member_joining_just_after_its_topic_was_created_is_assigned_at_once(settings):
+    """The first assignment already holds every partition: never an empty one to recover from.
+
+    Without waiting for the metadata, the leader assigned from a cache that did
+    not know the new topic yet (kafka-python: "No partition metadata for topic")
+    in nearly every round, and recovered only if the next refresh did better.
+    """
+    boot = settings.bootstrap_servers
+    empty_first = []
+    for round_ in range(ROUNDS):
+        topic = f"{settings.kafka_events_topic}.race{round_}.{uuid.uuid4().hex[:6]}"
+        ensure_topic(boot, topic, PARTITIONS)
+        dispatcher = _dispatcher(boot, topic).start()
+        try:
+            assigned = dispatcher.wait_assigned(ASSIGN_WITHIN)
+        finally:
+            dispatcher.stop()
+        assert assigned == _expected(topic), f"round {round_}: {assigned}"
+        if not dispatcher.stats.assignments[0]:
+            empty_first.append(round_)
+    assert empty_first == [], f"rounds that first joined with no partitions: {empty_first}"
+
+
+def test_member_subscribing_as_the_topic_is_created_gets_every_partition(settings):
+    boot = settings.bootstrap_servers
+    admin = KafkaAdminClient(bootstrap_servers=boot, request_timeout_ms=15000)
+    try:
+        for round_ in range(ROUNDS):
+            topic = f"{settings.kafka_events_topic}.race{round_}.{uuid.uuid4().hex[:6]}"
+            create = NewTopic(topic, PARTITIONS, 1)
+            if round_ % 2 == 0:
+                admin.create_topics([create])  # and no wait for the topic to settle
+                dispatcher = _dispatcher(boot, topic).start()
+            else:
+                dispatcher = _dispatcher(boot, topic).start()
+                time.sleep(0.05 * round_)
+                admin.create_topics([create])
+            try:
+                assigned = dispatcher.wait_assigned(ASSIGN_WITHIN)
+            finally:
+                dispatcher.stop()
+            assert assigned == _expected(topic), f"round {round_}: {assigned}"
+    finally:
+        admin.close()
+
+
+def test_member_that_joined_before_its_topic_existed_gets_partitions_once_it_does(
+    settings, monkeypatch
+):
+    # Join without waiting for the topic, so only the refresh after joining can help.
+    monkeypatch.setattr(dispatcher_module, "METADATA_WAIT", 0.5, raising=False)
+    boot = settings.bootstrap_servers
+    topic = f"{settings.kafka_events_topic}.late.{uuid.uuid4().hex[:6]}"
+    dispatcher = _dispatcher(boot, topic).start()
+    time.sleep(3)  # it has given up waiting and joined with nothing to consume
+    assert dispatcher.running and not dispatcher._assigned
+    admin = KafkaAdminClient(bootstrap_servers=boot, request_timeout_ms=15000)
+    try:
+        admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+        assert dispatcher.wait_assigned(ASSIGN_WITHIN + 10) == _expected(topic)
+    finally:
+        dispatcher.stop()
+        admin.close()
