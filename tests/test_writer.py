@@ -418,3 +418,56 @@ def test_metrics_add_up_across_gunicorn_workers(settings, tmp_path):
         "audit_writer_rows_inserted_total": 12.0,
         "audit_writer_duplicates_total": 1.0,
     }
+
+
+def _fresh_database(settings, pg, name: str):
+    """Settings for a new, empty database on the module's server."""
+    pg.run(f"CREATE DATABASE {name}")
+    url = settings.database_url.rsplit("/", 1)[0] + f"/{name}"
+    return settings.model_copy(update={"database_url": url})
+
+
+def test_a_freshly_started_writer_has_the_partitions_ahead(settings, pg, tmp_path):
+    """The schema step at start creates the current month and the next N-1, as upkeep would."""
+    fresh = _fresh_database(settings, pg, f"w_ahead_{uuid.uuid4().hex[:8]}")
+    env = {**settings_env(fresh), "PARTITIONS_AHEAD_MONTHS": "5"}
+    with FunctionServer("functions/writer/main.py", "write", env, log_path=tmp_path / "w.log") as w:
+        assert request(w.url, "GET", "/readyz")[:2] == (200, {"status": "ready"})
+    conn = store.connect(fresh)
+    try:
+        have = store.list_partitions(conn)
+    finally:
+        conn.close()
+    want = store.months_ahead(datetime.now(UTC), 5)
+    assert sorted(have) == want, sorted(have)
+
+
+def test_concurrent_schema_steps_create_each_month_once(settings, pg):
+    """Writers starting together on an empty database: every one succeeds, no month twice."""
+    fresh = _fresh_database(settings, pg, f"w_race_{uuid.uuid4().hex[:8]}")
+    conns = [store.connect(fresh) for _ in range(5)]
+    barrier = threading.Barrier(len(conns))
+    results: list[object] = [None] * len(conns)
+
+    def start(i):
+        barrier.wait()
+        try:
+            results[i] = store.ensure_schema(conns[i], 3)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion
+            results[i] = exc
+
+    try:
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(len(conns))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(isinstance(r, list) for r in results), results
+        created = sorted(name for r in results for name in r)
+        want = [store.partition_name(m) for m in store.months_ahead(datetime.now(UTC), 3)]
+        assert created == want  # each month created by exactly one of them
+        assert sorted(store.list_partitions(conns[0]).values()) == want
+        assert store.ensure_schema(conns[0], 3) == []  # idempotent
+    finally:
+        for c in conns:
+            c.close()

@@ -148,12 +148,6 @@ def retention_cutoff(now: datetime, retention_months: int) -> datetime | None:
     return _month_start(store.add_months(store.month_of(now), -retention_months))
 
 
-def months_ahead(now: datetime, count: int) -> list[date]:
-    """The current UTC month and the next count-1."""
-    current = store.month_of(now)
-    return [store.add_months(current, i) for i in range(count)]
-
-
 def expired(month: date, cutoff: datetime | None) -> bool:
     """Whether a partition's whole range [start, end) lies before the cutoff."""
     return cutoff is not None and store.month_bounds(month)[1] <= cutoff
@@ -185,7 +179,7 @@ def upkeep(
         store.ensure_schema(conn)
     existing = store.list_partitions(conn)  # the catalog, not this process's cache
 
-    for month in months_ahead(now, settings.partitions_ahead_months):
+    for month in store.months_ahead(now, settings.partitions_ahead_months):
         if month in existing:
             continue
         name = store.partition_name(month)

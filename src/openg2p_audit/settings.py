@@ -114,6 +114,12 @@ class Settings(BaseSettings):
             raise SettingsError("KAFKA_BOOTSTRAP_SERVERS is not set: point it at the Kafka brokers")
         return [s.strip() for s in self.kafka_bootstrap_servers.split(",")]
 
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Settings:
+        # A copy must not inherit the cached connection arguments of another database.
+        copy = super().model_copy(update=update, deep=deep)
+        copy.__dict__.pop("pg_connect_kwargs", None)
+        return copy
+
     @cached_property
     def pg_connect_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for pg8000.connect()."""

@@ -142,6 +142,12 @@ def add_months(month: date, count: int) -> date:
     return date(index // 12, index % 12 + 1, 1)
 
 
+def months_ahead(now: datetime, count: int) -> list[date]:
+    """The current UTC month and the next count-1: the headroom kept ready."""
+    current = month_of(now)
+    return [add_months(current, i) for i in range(count)]
+
+
 def month_bounds(month: date) -> tuple[datetime, datetime]:
     """[start, end) of the month as UTC instants: a partition's range."""
     start = date(month.year, month.month, 1)
@@ -185,12 +191,18 @@ def _rollback_quietly(conn: pg8000.native.Connection) -> None:
         conn.run("ROLLBACK")
 
 
-def ensure_schema(conn: pg8000.native.Connection) -> None:
-    """Create the partitioned table and its indexes if missing.
+def ensure_schema(
+    conn: pg8000.native.Connection, partitions_ahead: int = 0, now: datetime | None = None
+) -> list[str]:
+    """Create the partitioned table and its indexes if missing, and the months ahead.
 
-    Runs in one transaction under an advisory lock: writers that start at the
-    same time on an empty database queue up instead of racing on the catalog
-    (concurrent CREATE ... IF NOT EXISTS can still fail on a unique index).
+    The table DDL runs in one transaction under an advisory lock: writers that
+    start at the same time on an empty database queue up instead of racing on
+    the catalog (concurrent CREATE ... IF NOT EXISTS can still fail on a unique
+    index). Then the current month and the next `partitions_ahead - 1` get
+    their partitions, each under its own per-month lock, so a new deployment
+    has its headroom before the first hourly maintenance run. Returns the
+    partitions this call created.
     """
     statements = [
         f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'",
@@ -202,6 +214,8 @@ def ensure_schema(conn: pg8000.native.Connection) -> None:
         for name, spec in PARENT_INDEXES.items()
     ]
     _run_in_transaction(conn, statements)
+    months = months_ahead(now or datetime.now(UTC), partitions_ahead)
+    return [partition_name(m) for m in months if ensure_partition(conn, m)]
 
 
 class _PartitionCache:

@@ -263,7 +263,7 @@ class GroupCommitter:
             return self._conn, False
         conn = store.connect(self.settings, application_name="openg2p-audit-writer")
         try:
-            store.ensure_schema(conn)
+            store.ensure_schema(conn, self.settings.partitions_ahead_months)
         except BaseException:
             conn.close()
             raise
@@ -334,7 +334,7 @@ class GroupCommitter:
         )
         try:
             if not self.schema_ready.is_set():
-                store.ensure_schema(conn)
+                store.ensure_schema(conn, self.settings.partitions_ahead_months)
                 self.schema_ready.set()
             conn.run("SELECT 1")
         finally:
