@@ -17,7 +17,8 @@ from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
 from eventing_support import headers_of, produce, read_topic
-from ingest_support import request
+from ingest_support import end_offsets, request
+from ingest_support import read_topic as read_topic_since
 from openg2p_audit import store
 from openg2p_audit.topics import ensure_topics
 from pipeline_support import (
@@ -32,6 +33,11 @@ from pipeline_support import (
 )
 
 JSON = {"Content-Type": "application/json"}
+STRUCTURED = "application/cloudevents+json"
+
+
+def end_offsets_of(settings) -> dict[int, int]:
+    return end_offsets(settings.kafka_bootstrap_servers, settings.kafka_events_topic)
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +186,77 @@ def test_the_pingsource_fires_maintenance(pipeline, settings):
     current = store.month_of(datetime.now(UTC))
     expected = {store.add_months(current, i) for i in range(settings.partitions_ahead_months)}
     assert expected <= months
+
+
+NOTE = 'José 50% "q"'
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def _details(settings, event_id: str):
+    conn = pg8000.native.Connection(**settings.pg_connect_kwargs)
+    try:
+        return conn.run("SELECT details, trace_id FROM audit_events WHERE id = :id", id=event_id)
+    finally:
+        conn.close()
+
+
+def test_extension_attributes_land_in_the_row(pipeline, settings):
+    """Every extension the emitter sent is kept in `details.extensions`, however sent.
+
+    Binary-mode header bytes as the SDKs send them: sdk-go writes raw UTF-8,
+    the Python SDK's http.client writes Latin-1; both are stored as sent.
+    """
+    extensions = {"tenantid": "t_1", "note": NOTE}
+    since = end_offsets_of(settings)
+    go, python_sdk, structured, via_broker, plain = (audit_event() for _ in range(5))
+
+    headers, body = to_binary(_sdk_event({**go, **extensions, "traceparent": TRACEPARENT}))
+    raw_utf8 = {k: v.encode() for k, v in headers.items()}  # what sdk-go puts on the wire
+    reply = _ingest(pipeline, "/", body, {**raw_utf8, "Content-Type": b"application/json"})
+    assert reply.status == 202, reply.body
+
+    headers, body = to_binary(_sdk_event({**python_sdk, **extensions}))
+    assert "é".encode("latin-1") in headers["ce-note"].encode("latin-1")  # http.client's coding
+    reply = _ingest(pipeline, "/", body, {**headers, "Content-Type": "application/json"})
+    assert reply.status == 202, reply.body
+
+    doc = {**structured, **extensions, "tracestate": "vendor=abc", "retries": 2, "pii": True}
+    reply = _ingest(pipeline, "/", json.dumps(doc), {"Content-Type": STRUCTURED})
+    assert reply.status == 202, reply.body
+
+    import urllib3
+
+    headers, body = to_binary(_sdk_event({**via_broker, **extensions}))
+    reply = urllib3.PoolManager(retries=False).request(
+        "POST", pipeline.broker_url(BROKER), body=body,
+        headers={**headers, "Content-Type": "application/json"},
+    )  # fmt: skip
+    assert reply.status == 202, reply.data
+
+    assert _ingest(pipeline, "/", json.dumps(plain), {"Content-Type": STRUCTURED}).status == 202
+
+    ids = [e["id"] for e in (go, python_sdk, structured, via_broker, plain)]
+    assert wait_stored(settings, ids) == dict.fromkeys(ids, 1)
+
+    # On the topic they travel as ce_ headers, UTF-8.
+    records = {
+        headers_of(r)["ce_id"]: headers_of(r)
+        for r in read_topic_since(
+            settings.kafka_bootstrap_servers, settings.kafka_events_topic, since
+        )
+    }
+    assert records[go["id"]]["ce_note"] == NOTE
+    assert records[python_sdk["id"]]["ce_note"] == NOTE
+
+    [[details, trace_id]] = _details(settings, go["id"])
+    assert details == {"extensions": extensions}  # traceparent is the trace_id column
+    assert trace_id == TRACEPARENT.split("-")[1]
+    assert _details(settings, python_sdk["id"]) == [[{"extensions": extensions}, None]]
+    [[details, _]] = _details(settings, structured["id"])
+    # Binary mode carries every attribute as text: an integer or boolean sent in structured
+    # mode is stored as its CloudEvents canonical string.
+    assert details == {
+        "extensions": {**extensions, "tracestate": "vendor=abc", "retries": "2", "pii": "true"}
+    }
+    assert _details(settings, via_broker["id"]) == [[{"extensions": extensions}, None]]
+    assert _details(settings, plain["id"]) == [[None, None]]  # nothing extra: NULL

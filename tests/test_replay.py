@@ -130,3 +130,16 @@ def test_replay_from_offset_and_time_ranges(settings, pg, tmp_path):
     # A range in the future holds nothing and ends at once.
     empty = replay(s, from_time=datetime.now(UTC) + timedelta(days=1))
     assert (empty.records, empty.ranges) == (0, {0: (20, 20)})
+
+
+def test_replay_keeps_extensions_and_invents_no_partitionkey(topics, pg):
+    """Replay stores what the writer stores: every extension, and only those the emitter sent."""
+    sent = make_event(subject="beneficiary/9", tenantid="t_1", note='José 50% "q"')
+    keyed = make_event(subject="beneficiary/9", partitionkey="household/3")
+    produce(topics, [sent, keyed])  # both have the record key "beneficiary/9"
+    replay(topics, batch_size=64)
+    got = dict(
+        pg.run("SELECT id, details FROM audit_events WHERE id = ANY(:ids)", ids=[sent.id, keyed.id])
+    )
+    assert got[sent.id] == {"extensions": {"tenantid": "t_1", "note": 'José 50% "q"'}}
+    assert got[keyed.id] == {"extensions": {"partitionkey": "household/3"}}

@@ -15,15 +15,15 @@ It routes by path itself because one functions-framework target serves the
 CloudEvents endpoint (`/`, where a Knative Broker Trigger also delivers), the
 audit manager's legacy paths that existing emitters call, and the probes.
 
-The HTTP binding is read here rather than with `cloudevents.http.from_http`:
-that helper invents an `id` and a `time` when they are missing (the contract
-requires `id` in every CloudEvents mode) and reports all missing attributes
-as one opaque message, while each problem must be named to the emitter.
+The HTTP binding is read with `http_binding` rather than with
+`cloudevents.http.from_http`: that helper invents an `id` and a `time` when
+they are missing (the contract requires `id` in every CloudEvents mode) and
+reports all missing attributes as one opaque message, while each problem must
+be named to the emitter.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -32,12 +32,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import unquote
 
 import flask
 from prometheus_client import Counter, Histogram
 
 from .contract import AuditEvent, Limits, Problem, check_event
+from .http_binding import BATCH, STRUCTURED, binary_attributes, is_binary
 from .kafka_binding import KafkaRecord, encode
 from .observability import configure_logging, metrics_response
 from .producer import Unavailable, producer_for
@@ -57,8 +57,6 @@ LIMITS = Limits(
     max_clock_skew_seconds=SETTINGS.ingest_max_clock_skew_seconds,
 )
 
-STRUCTURED = "application/cloudevents+json"
-BATCH = "application/cloudevents-batch+json"
 JSON_TYPES = frozenset({"application/json", STRUCTURED})
 
 ACCEPTED = Counter("audit_ingest_events_accepted", "Events acknowledged by Kafka and answered 202")
@@ -163,26 +161,12 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def _header_value(value: str) -> str:
-    # WSGI hands header bytes over as latin-1; the binding percent-encodes the rest.
-    with contextlib.suppress(UnicodeError):
-        value = value.encode("latin-1").decode("utf-8")
-    return unquote(value) if "%" in value else value
-
-
 def _binary_attributes(request: flask.Request) -> dict[str, Any]:
-    attrs: dict[str, Any] = {}
-    for name, value in request.headers.items():
-        lower = name.lower()
-        if lower.startswith("ce-"):
-            attrs[lower[3:]] = _header_value(value)
-    if request.content_type:
-        attrs["datacontenttype"] = request.content_type
-    return attrs
+    return binary_attributes(request.headers.items(), request.content_type)
 
 
 def _is_binary(request: flask.Request) -> bool:
-    return any(name[:3].lower() == "ce-" for name in request.headers.keys())  # noqa: SIM118
+    return is_binary(request.headers.keys())
 
 
 def _check_all(raws: list[Any], batch: bool, body: bytes | None = None) -> list[AuditEvent]:

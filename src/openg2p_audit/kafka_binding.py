@@ -32,10 +32,17 @@ class KafkaRecord:
     headers: list[tuple[str, bytes]]
 
 
+def _text(value: Any) -> str:
+    """An attribute's canonical string (CloudEvents type system): booleans are true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def encode(event: AuditEvent) -> KafkaRecord:
     attrs = event.attributes()
     headers = [("content-type", attrs.pop("datacontenttype").encode())]
-    headers.extend((f"ce_{name}", str(value).encode()) for name, value in attrs.items())
+    headers.extend((f"ce_{name}", _text(value).encode()) for name, value in attrs.items())
     return KafkaRecord(
         key=event.partition_key.encode(), value=event.data_json_bytes(), headers=headers
     )
@@ -54,7 +61,9 @@ def decode_attributes(
     Raises ValueError when the record is not a CloudEvent at all.
     """
     hdrs = dict(headers) if not isinstance(headers, dict) else headers
-    message = KafkaMessage(headers=hdrs, key=key, value=value)
+    # No key for the SDK: it would invent a `partitionkey` extension from it, which the
+    # emitter never sent (the key is ingest's choice); a `ce_partitionkey` header is kept.
+    message = KafkaMessage(headers=hdrs, key=None, value=value)
     if is_binary(hdrs):
         ce = from_binary(message)
     else:
@@ -65,7 +74,6 @@ def decode_attributes(
             raise ValueError("record is neither a binary nor a structured CloudEvent")
         ce = from_structured(message)
     attrs = dict(ce.get_attributes())
-    attrs.pop("partitionkey", None)
     attrs["data"] = ce.get_data()
     return attrs
 

@@ -419,7 +419,12 @@ def _extras(obj: dict, skip: Iterable[str]) -> dict:
 
 
 def details_of(event: AuditEvent) -> dict | None:
-    """The event-type-specific extras that have no flat column, or None if there are none."""
+    """What the event carries beyond the flat columns, or None if there is nothing.
+
+    That is the extras of `data`, and under `extensions` every CloudEvent
+    extension attribute the emitter sent (name → value; `traceparent` is the
+    `trace_id` column): Kafka keeps records for days, the row for years.
+    """
     data = event.data_json()
     details: dict = {}
     actor = _extras(data.get("actor") or {}, _IDENTITY)
@@ -432,6 +437,9 @@ def details_of(event: AuditEvent) -> dict | None:
         if _present(data.get(name)):
             details[name] = data[name]
     details.update(_extras(data, _DATA_COLUMNS))
+    extensions = {k: v for k, v in event.extensions.items() if v is not None}
+    if extensions:
+        details["extensions"] = extensions
     return details or None
 
 

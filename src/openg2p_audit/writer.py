@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pg8000.native
-from cloudevents import exceptions as ce_exceptions
-from cloudevents.http import from_http
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from . import store
 from .contract import AuditEvent
+from .http_binding import STRUCTURED, binary_attributes, media_type
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
 from .settings import Settings, load_settings
 
@@ -144,37 +143,48 @@ def unwrap_structured(data: Any, origin: str | None = None) -> dict[str, Any]:
     return data
 
 
-def parse_delivery(headers: Any, body: bytes) -> AuditEvent:
-    """Parse and validate one delivery; raises Rejection for anything that cannot be stored."""
-    lowered = _lower(headers)
+def _not_a_cloudevent(detail: str) -> Rejection:
+    return Rejection(
+        400, "not_a_cloudevent", f"the request is not a CloudEvent (binary or structured mode): "
+        f"{detail}",
+    )  # fmt: skip
+
+
+def _structured(body: bytes) -> dict[str, Any]:
     try:
-        ce = from_http(lowered, body)
-    except ce_exceptions.GenericException as exc:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _not_a_cloudevent("the structured-mode body is not JSON") from None
+    if not isinstance(doc, dict) or "specversion" not in doc:
+        raise _not_a_cloudevent("the structured-mode body has no specversion")
+    if "data_base64" in doc:
         raise Rejection(
-            400,
-            "not_a_cloudevent",
-            f"the request is not a CloudEvent (binary or structured mode): {exc}",
-        ) from None
-    attrs = dict(ce.get_attributes())
-    data = ce.get_data()
+            400, "data_not_json", "the event's data is not valid JSON", id=doc.get("id")
+        )
+    return doc
+
+
+def parse_delivery(headers: Any, body: bytes) -> AuditEvent:
+    """Parse and validate one delivery; raises Rejection for anything that cannot be stored.
+
+    Every attribute that arrives is kept, so extensions reach the row; a
+    `time` is never filled in (see `validate_attributes`).
+    """
+    items = [(k.lower(), v) for k, v in headers.items()]
+    content_type = next((v for k, v in items if k == "content-type"), None)
+    if media_type(content_type) == STRUCTURED:
+        return validate_attributes(_structured(body))
+    if not any(k == "ce-specversion" for k, _ in items):
+        raise _not_a_cloudevent(f"no ce-specversion header and Content-Type is not {STRUCTURED}")
+    attrs: dict[str, Any] = binary_attributes(items, content_type)
     if attrs.get("type") == WRAPPED_TYPE:
-        return validate_attributes(unwrap_structured(data, attrs.get("id")))
-    if isinstance(data, bytes | bytearray | str) and data:
+        return validate_attributes(unwrap_structured(body, attrs.get("id")))
+    try:
+        attrs["data"] = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
         raise Rejection(
             400, "data_not_json", "the event's data is not valid JSON", id=attrs.get("id")
-        )
-    binary = "ce-specversion" in lowered
-    if binary:
-        given_time = "ce-time" in lowered
-    else:
-        try:
-            given_time = "time" in json.loads(body)
-        except ValueError:
-            given_time = False
-    if not given_time:
-        attrs.pop("time", None)  # the SDK filled in "now"
-    attrs.pop("partitionkey", None)
-    attrs["data"] = data
+        ) from None
     return validate_attributes(attrs)
 
 
