@@ -78,6 +78,8 @@ def test_dev_up_prints_a_curl_that_lands_and_ctrl_c_stops_everything(topics, tmp
         "DATABASE_URL": settings.database_url,
         "KAFKA_EVENTS_TOPIC": settings.kafka_events_topic,
         "KAFKA_DLQ_TOPIC": settings.kafka_dlq_topic,
+        # Contradicts the KafkaSource's consumerGroup: said at start, and the manifest wins.
+        "KAFKA_CONSUMER_GROUP": "group-from-the-shell",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "openg2p_audit.cli", "dev", "up", "--manifests", str(manifests),
@@ -87,6 +89,11 @@ def test_dev_up_prints_a_curl_that_lands_and_ctrl_c_stops_everything(topics, tmp
     seen: list[str] = []
     try:
         q = _lines(proc)
+        conflict = _until(
+            q, r"KAFKA_CONSUMER_GROUP=group-from-the-shell in the environment", seen, 60
+        )
+        assert "KafkaSource/audit-events-to-writer says '" in conflict
+        assert "the manifests win" in conflict
         url_line = _until(q, r"curl -i http://127\.0\.0\.1:\d+/", seen, 120)
         data_line = _until(q, r"^\s+-d '", seen, 5)
         _until(q, r"query$", seen, 5)

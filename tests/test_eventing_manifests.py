@@ -257,3 +257,24 @@ def test_record_mapping_structured_wrapped_and_overrides():
     # a record claiming to be a CloudEvent but missing attributes is wrapped, not lost
     broken = record_to_event(_Record(b"v", [("ce_specversion", b"1.0")]), src)
     assert broken.type == "dev.knative.kafka.event" and broken["kafkaheadercespecversion"] == "1.0"
+
+
+def test_environment_settings_the_manifests_contradict_are_named():
+    from openg2p_audit.eventing.manifests import load
+    from openg2p_audit.eventing.services import environment_conflicts
+
+    manifests = load(Path(__file__).resolve().parents[1] / "knative" / "base")
+    environ = {
+        "KAFKA_EVENTS_TOPIC": "x",
+        "KAFKA_CONSUMER_GROUP": "openg2p-audit-consumer",  # agrees: nothing to say
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",  # the runner's own business
+        "LOG_LEVEL": "DEBUG",
+    }
+    names = ["KAFKA_EVENTS_TOPIC", "KAFKA_CONSUMER_GROUP", "KAFKA_BOOTSTRAP_SERVERS", "LOG_LEVEL"]
+    lines = environment_conflicts(manifests, environ, names)
+    assert len(lines) == 2, lines
+    [topic] = [line for line in lines if line.startswith("KAFKA_EVENTS_TOPIC=x ")]
+    # One line names every place that says otherwise: the Services' ConfigMap and the source.
+    assert "Service/audit-ingest" in topic and "KafkaSource/audit-events-to-writer" in topic
+    assert "says 'openg2p.audit.events'" in topic and "the manifests win" in topic
+    assert any(line.startswith("LOG_LEVEL=DEBUG ") and "'INFO'" in line for line in lines)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from .settings import load_settings
 
+log = logging.getLogger("openg2p_audit.cli")
+
 
 def _cmd_topics(args: argparse.Namespace) -> int:
     from .topics import ensure_topics
@@ -106,6 +108,28 @@ def _this_command() -> str:
     return "openg2p-audit"
 
 
+def _as_the_manifests_say(settings, manifest_dir: Path):
+    """The settings `dev up` provisions for: the manifests' values win over the environment.
+
+    Each contradiction is said in one line, so `KAFKA_EVENTS_TOPIC=x ./dev up`
+    cannot look as if it produced to `x` while the KafkaSource reads another topic.
+    """
+    from .eventing.manifests import load
+    from .eventing.services import environment_conflicts, manifest_settings
+    from .settings import Settings
+
+    manifests = load(manifest_dir)
+    names = [name.upper() for name in Settings.model_fields]
+    for line in environment_conflicts(manifests, os.environ, names):
+        log.warning("%s", line)
+    chosen = {
+        name.lower(): next(iter(values))
+        for name, values in manifest_settings(manifests, names).items()
+        if len(values) == 1
+    }
+    return load_settings(**chosen) if chosen else settings
+
+
 def _cmd_dev_up(args: argparse.Namespace) -> int:
     from .devservices import local_services
     from .eventing.runner import REPO_ROOT, Runner
@@ -128,6 +152,7 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
         Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="openg2p-audit-"))
     )
     manifests = Path(args.manifests) if args.manifests else REPO_ROOT / "knative" / "base"
+    settings = _as_the_manifests_say(settings, manifests)
     print(f"starting local services in {workdir} ...", flush=True)
     try:
         with local_services(settings, workdir) as (live, _kafka, _pg):

@@ -21,18 +21,73 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import urllib3
 
 from ..devservices._process import die_with_parent, free_port, tail
-from .manifests import ConfigMap, KService, ManifestError, Manifests, Secret
+from .manifests import ConfigMap, KafkaSource, KService, ManifestError, Manifests, Secret
 
 log = logging.getLogger(__name__)
 
 
 class ServiceError(RuntimeError):
     pass
+
+
+# What the runner itself points at the local Kafka and PostgreSQL: the manifests' values for
+# these are the cluster's hosts, and the environment's (or the local services') are used.
+LOCAL_INFRASTRUCTURE = frozenset(
+    {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER",
+     "DB_PASSWORD"}
+)  # fmt: skip
+
+
+def manifest_settings(manifests: Manifests, names: Iterable[str]) -> dict[str, dict[str, str]]:
+    """The value each of `names` has in the manifests, and where: {name: {value: resources}}.
+
+    A Service's container env gives the settings the function reads; a
+    KafkaSource's topics and consumer group are KAFKA_EVENTS_TOPIC and
+    KAFKA_CONSUMER_GROUP as the writer's feed sees them.
+    """
+    wanted = {n.upper() for n in names} - LOCAL_INFRASTRUCTURE
+    found: dict[str, dict[str, list[str]]] = {}
+
+    def add(name: str, value: str, where: str) -> None:
+        if name in wanted:
+            found.setdefault(name, {}).setdefault(value, []).append(where)
+
+    for svc in manifests.of(KService):
+        for name, value in container_env(svc, manifests).items():
+            add(name, value, svc.key)
+    for source in manifests.of(KafkaSource):
+        for topic in source.topics:
+            add("KAFKA_EVENTS_TOPIC", topic, source.key)
+        add("KAFKA_CONSUMER_GROUP", source.consumer_group, source.key)
+    return {n: {v: ", ".join(w) for v, w in vs.items()} for n, vs in found.items()}
+
+
+def environment_conflicts(
+    manifests: Manifests, environ: Mapping[str, str], names: Iterable[str]
+) -> list[str]:
+    """One line per setting whose environment value the manifests contradict.
+
+    The manifests win: the runner runs them as written, as a cluster would,
+    so a shell variable must not silently send events to a topic nobody reads.
+    """
+    lines = []
+    for name, values in sorted(manifest_settings(manifests, names).items()):
+        have = environ.get(name)
+        if not have:
+            continue
+        for value, where in values.items():
+            if value != have:
+                lines.append(
+                    f"{name}={have} in the environment, but {where} says {value!r}: "
+                    "the manifests win (edit them, or pass --manifests, to change it)"
+                )
+    return lines
 
 
 def container_env(service: KService, manifests: Manifests) -> dict[str, str]:
