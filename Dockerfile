@@ -27,11 +27,13 @@ COPY functions ./functions
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PORT=8080
+    PORT=8080 \
+    FUNCTION_USE_ASGI=true
 USER 10001:10001
 EXPOSE 8080
 # functions-framework reads FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE and
-# FUNCTION_SOURCE (set per target below, and again by the Knative Service).
+# FUNCTION_SOURCE (set per target below, and again by the Knative Service), and
+# FUNCTION_USE_ASGI: every function is an aio function served by uvicorn workers.
 CMD ["functions-framework"]
 
 FROM runtime AS ingest
@@ -46,5 +48,5 @@ ENV FUNCTION_TARGET=write \
 
 FROM runtime AS maintenance
 ENV FUNCTION_TARGET=maintain \
-    FUNCTION_SIGNATURE_TYPE=cloudevent \
+    FUNCTION_SIGNATURE_TYPE=http \
     FUNCTION_SOURCE=functions/maintenance/main.py

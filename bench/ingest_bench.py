@@ -272,9 +272,7 @@ def main() -> int:
         | ({"ingest_linger_ms": args.linger} if args.linger is not None else {})
     )
     ensure_topics(settings)
-    fn = LocalFunction(
-        "ingest", "ingest", settings, workdir, workers=args.workers, threads=args.threads
-    )  # fmt: skip
+    fn = LocalFunction("ingest", "ingest", settings, workdir, workers=args.workers)
     fn.start()
     results: list[dict] = []
     print(
@@ -289,7 +287,7 @@ def main() -> int:
         if args.baseline:
             base_fn = LocalFunction(
                 "baseline", "baseline", settings, workdir, workers=args.workers,
-                threads=args.threads, source="bench/baseline/main.py",
+                source="bench/baseline/main.py",
             ).start()  # fmt: skip
             try:
                 r = run_phase(

@@ -40,10 +40,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 from kafka import KafkaProducer  # noqa: E402
 
 from bench_support import cpu_of, descendants, machine_busy  # noqa: E402
-from function_server import FunctionServer, request, settings_env  # noqa: E402
+from function_server import request, settings_env  # noqa: E402
 from openg2p_audit import store  # noqa: E402
 from openg2p_audit.contract import AuditEvent  # noqa: E402
-from openg2p_audit.devservices import LocalKafka, LocalPostgres  # noqa: E402
+from openg2p_audit.devservices import (  # noqa: E402
+    LocalFunction,
+    LocalKafka,
+    LocalPostgres,
+)
 from openg2p_audit.kafka_binding import encode  # noqa: E402
 from openg2p_audit.replay import replay  # noqa: E402
 from openg2p_audit.settings import load_settings  # noqa: E402
@@ -169,8 +173,8 @@ def run_http(
         if trivial
         else ("functions/writer/main.py", "write")
     )
-    server = FunctionServer(
-        source, target, env, threads=threads, workers=workers,
+    server = LocalFunction(
+        "writer", target, None, logdir, workers=workers, env=env, source=source,
         log_path=logdir / f"writer-{workers}x{threads}.log",
     )  # fmt: skip
     with server:

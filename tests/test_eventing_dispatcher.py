@@ -27,13 +27,14 @@ ROUNDS = 15
 ASSIGN_WITHIN = 20.0
 
 
-def _dispatcher(boot: list[str], topic: str) -> KafkaDispatcher:
+def _dispatcher(boot: list[str], topic: str, initial_offset: str = "earliest") -> KafkaDispatcher:
     name = f"KafkaSource/race-{topic.rsplit('.', 1)[-1]}"
     egress = Egress(name=name, destination="http://127.0.0.1:9/", delivery=Delivery(),
                     namespace="test")  # fmt: skip
     return KafkaDispatcher(
         name=name, bootstrap_servers=boot, group=f"{topic}.group", topics=[topic],
         egress=egress, mapper=lambda record: record, ordered=False,
+        initial_offset=initial_offset,
     )  # fmt: skip
 
 
@@ -103,4 +104,28 @@ def test_member_that_joined_before_its_topic_existed_gets_partitions_once_it_doe
         assert dispatcher.wait_assigned(ASSIGN_WITHIN + 10) == _expected(topic)
     finally:
         dispatcher.stop()
+        admin.close()
+
+
+def test_a_latest_member_commits_every_partitions_start_before_it_joins(settings):
+    """initialOffset latest: the group's start is committed for every partition up front.
+
+    Otherwise a group left without offsets would skip to the end again at each
+    later assignment (a rebalance), past events sent after the source was ready.
+    """
+    boot = settings.bootstrap_servers
+    admin = KafkaAdminClient(bootstrap_servers=boot, request_timeout_ms=15000)
+    try:
+        for round_ in range(5):
+            topic = f"{settings.kafka_events_topic}.latest{round_}.{uuid.uuid4().hex[:6]}"
+            admin.create_topics([NewTopic(topic, PARTITIONS, 1)])  # no wait for it to settle
+            dispatcher = _dispatcher(boot, topic, initial_offset="latest").start()
+            try:
+                offsets = admin.list_group_offsets(dispatcher.group)[dispatcher.group]
+            finally:
+                dispatcher.stop()
+            assert {tp: meta.offset for tp, meta in offsets.items()} == dict.fromkeys(
+                _expected(topic), 0
+            ), f"round {round_}"
+    finally:
         admin.close()

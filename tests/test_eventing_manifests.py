@@ -48,7 +48,7 @@ def test_base_manifests_load_as_the_contract_says():
     services = {s.name: s for s in m.of(KService)}
     assert set(services) == {"audit-ingest", "audit-writer", "audit-maintenance"}
     assert services["audit-writer"].env_value("FUNCTION_TARGET") == "write"
-    assert services["audit-maintenance"].env_value("FUNCTION_SIGNATURE_TYPE") == "cloudevent"
+    assert services["audit-maintenance"].env_value("FUNCTION_SIGNATURE_TYPE") == "http"
     [source] = m.of(KafkaSource)
     assert source.consumer_group == "openg2p-audit-consumer"
     assert source.topics == ["openg2p.audit.events"]

@@ -524,7 +524,7 @@ def test_metrics_add_up_over_several_workers(topics, tmp_path):
     multiproc.mkdir()
     settings = topics.model_copy(update=LIMITS)
     with LocalFunction(
-        "ingest", "ingest", settings, tmp_path, workers=2, threads=4,
+        "ingest", "ingest", settings, tmp_path, workers=2,
         env={"PROMETHEUS_MULTIPROC_DIR": str(multiproc)},
     ) as server:  # fmt: skip
         for _ in range(12):

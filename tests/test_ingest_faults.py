@@ -190,7 +190,7 @@ def request_on(conn: http.client.HTTPConnection, body, headers) -> int:
 
 
 def test_sigterm_during_load_loses_nothing_that_was_answered_202(topics, tmp_path):
-    fn = LocalFunction("ingest", "ingest", topics, tmp_path, workers=2, threads=8).start()
+    fn = LocalFunction("ingest", "ingest", topics, tmp_path, workers=2).start()
     try:
         load = Load(fn.url, threads=12, deadline=time.monotonic() + 60)
         for t in load.threads:

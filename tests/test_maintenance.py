@@ -17,14 +17,15 @@ from cloudevents.http import CloudEvent
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from function_server import ROOT, settings_env
+from function_server import request, settings_env
 from openg2p_audit import store
+from openg2p_audit.devservices import LocalFunction
 from openg2p_audit.kafka_binding import encode
 from openg2p_audit.maintenance import (
     RUN_LOCK,
     MaintenanceError,
+    handle_ping,
     is_transient,
-    maintain,
     redrive,
     run_maintenance,
     upkeep,
@@ -331,7 +332,7 @@ def test_unreachable_database_fails_the_run(settings, monkeypatch):
     for name, value in settings_env(down).items():
         monkeypatch.setenv(name, value)
     with pytest.raises(MaintenanceError, match="database unavailable"):
-        maintain(ping())
+        handle_ping(ping())
 
 
 # --------------------------------------------------------------------------- dead letters
@@ -557,7 +558,7 @@ def test_maintain_in_process(settings, pg, monkeypatch):
     fresh_table(pg)
     event = make_event()
     produce_dlq(s, [dead_letter(event, "504")])
-    report = maintain(ping())
+    report = handle_ping(ping())
     assert report["status"] == "ok"
     current = store.month_of(datetime.now(UTC))
     expected = [store.partition_name(store.add_months(current, i)) for i in range(3)]
@@ -570,19 +571,10 @@ def test_maintain_in_process(settings, pg, monkeypatch):
     json.dumps(report)  # the summary is plain JSON
 
 
-def test_maintain_through_functions_framework(settings, pg, monkeypatch):
-    import functions_framework
-
+def test_maintain_through_functions_framework(settings, pg, tmp_path):
+    """The function as Knative serves it: functions-framework's ASGI mode, pinged over HTTP."""
     s = with_dlq(settings)
-    for name, value in settings_env(s).items():
-        monkeypatch.setenv(name, value)
     fresh_table(pg)
-    app = functions_framework.create_app(
-        target="maintain",
-        source=str(ROOT / "functions/maintenance/main.py"),
-        signature_type="cloudevent",
-    )
-    client = app.test_client()
     headers = {
         "ce-specversion": "1.0",
         "ce-id": str(uuid.uuid4()),
@@ -591,24 +583,32 @@ def test_maintain_through_functions_framework(settings, pg, monkeypatch):
         "ce-time": "2026-11-28T09:00:00Z",
         "Content-Type": "application/json",
     }
-    resp = client.post("/", headers=headers, data=b'{"purpose":"hourly maintenance"}')
-    assert resp.status_code == 200, resp.data
-    current = store.month_of(datetime.now(UTC))
-    assert store.partition_name(current) in partitions(pg)
-    assert len(partitions(pg)) == 3
+    body = b'{"purpose":"hourly maintenance"}'
+    with LocalFunction("maintenance", "maintain", s, tmp_path) as fn:
+        status, report, _ = request(fn.url, "POST", "/", body, headers)
+        assert status == 200, report
+        assert report["status"] == "ok"
+        current = store.month_of(datetime.now(UTC))
+        assert store.partition_name(current) in partitions(pg)
+        assert len(partitions(pg)) == 3
 
-    metrics = client.get("/metrics")
-    assert metrics.status_code == 200
-    assert b'audit_maintenance_runs_total{status="ok"}' in metrics.data
-    assert client.get("/healthz").status_code == 200
-    assert client.get("/readyz").status_code == 200
+        status, text, _ = request(fn.url, "GET", "/metrics")
+        assert status == 200
+        assert 'audit_maintenance_runs_total{status="ok"}' in text
+        assert request(fn.url, "GET", "/healthz")[0] == 200
+        assert request(fn.url, "GET", "/readyz")[0] == 200
+        status, answer, _ = request(fn.url, "POST", "/", b"{}", {"Content-Type": "text/plain"})
+        assert (status, answer["error"]) == (400, "not_a_cloudevent")
 
     # A database that cannot be reached: 500, so the PingSource retries.
     from openg2p_audit.devservices._process import free_port
 
-    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/none")
-    resp = client.post("/", headers={**headers, "ce-id": str(uuid.uuid4())}, data=b"{}")
-    assert resp.status_code == 500
+    down = s.model_copy(
+        update={"database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/none"}
+    )
+    with LocalFunction("maintenance", "maintain", down, tmp_path / "down") as fn:
+        status, answer, _ = request(fn.url, "POST", "/", b"{}", headers)
+        assert status == 500 and answer["error"] == "maintenance_failed"
 
 
 # --------------------------------------------------------------------------- the command line

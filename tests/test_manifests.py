@@ -32,7 +32,7 @@ SERVICES = {
     # Knative Service -> (FUNCTION_TARGET, FUNCTION_SIGNATURE_TYPE, FUNCTION_SOURCE)
     "audit-ingest": ("ingest", "http", "functions/ingest/main.py"),
     "audit-writer": ("write", "http", "functions/writer/main.py"),
-    "audit-maintenance": ("maintain", "cloudevent", "functions/maintenance/main.py"),
+    "audit-maintenance": ("maintain", "http", "functions/maintenance/main.py"),
 }
 DB_USERS = ("audit-writer", "audit-maintenance")
 KAFKA_SINK_REF = {"apiVersion": "eventing.knative.dev/v1alpha1", "kind": "KafkaSink"}
@@ -242,16 +242,13 @@ def test_only_database_users_get_the_password():
 
 @pytest.mark.parametrize("path", RENDERED)
 @pytest.mark.parametrize("name", sorted(SERVICES))
-def test_server_threads_exceed_the_concurrency_limit(path, name):
-    """A request slot for every admitted request, plus room for probes and /metrics.
-
-    functions-framework runs gunicorn with THREADS threads (default: 4 per CPU
-    of the node, not of the pod). Fewer threads than containerConcurrency
-    would queue admitted requests inside the pod and starve the liveness probe.
-    """
-    service = one(path, "Service", name, SERVING)
-    threads = int(_env(_container(service))["THREADS"]["value"])
-    assert threads > service["spec"]["template"]["spec"]["containerConcurrency"]
+def test_every_function_is_served_in_asgi_mode(path, name):
+    """An aio function on uvicorn workers: waiting requests hold no thread, so none starves
+    the probes; without FUNCTION_USE_ASGI functions-framework would serve Flask on gthread."""
+    env = _env(_container(one(path, "Service", name, SERVING)))
+    assert env["FUNCTION_USE_ASGI"]["value"] == "true"
+    assert int(env["WORKERS"]["value"]) >= 1
+    assert "THREADS" not in env
 
 
 def test_writer_takes_many_deliveries_at_once_for_group_commit():

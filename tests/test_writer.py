@@ -11,10 +11,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from function_server import FunctionServer, request, settings_env
+from function_server import request
 from kafkasource import binary_delivery, wrapped_delivery
 from openg2p_audit import store
 from openg2p_audit.contract import AuditEvent
+from openg2p_audit.devservices import LocalFunction
 from openg2p_audit.kafka_binding import encode
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -40,7 +41,7 @@ def make_event(**overrides) -> AuditEvent:
     return AuditEvent.model_validate(raw)
 
 
-def deliver(server: FunctionServer, event: AuditEvent):
+def deliver(server: LocalFunction, event: AuditEvent):
     headers, body = binary_delivery(encode(event))
     return request(server.url, "POST", "/", body, headers)
 
@@ -57,10 +58,7 @@ def rows(pg, *ids: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def writer(settings, tmp_path_factory):
-    log = tmp_path_factory.mktemp("writer") / "writer.log"
-    server = FunctionServer(
-        "functions/writer/main.py", "write", settings_env(settings), threads=16, log_path=log
-    )
+    server = LocalFunction("writer", "write", settings, tmp_path_factory.mktemp("writer"))
     with server:
         yield server
 
@@ -401,9 +399,9 @@ def test_concurrent_partition_creation_for_one_month(settings):
 
 
 def test_metrics_add_up_across_gunicorn_workers(settings, tmp_path):
-    env = {**settings_env(settings), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
     events = [make_event() for _ in range(12)]
-    with FunctionServer("functions/writer/main.py", "write", env, workers=2, threads=4) as server:
+    with LocalFunction("writer", "write", settings, tmp_path, workers=2, env=env) as server:
         with ThreadPoolExecutor(6) as pool:
             statuses = list(pool.map(lambda e: deliver(server, e)[0], events))
         assert statuses == [201] * 12
@@ -430,8 +428,8 @@ def _fresh_database(settings, pg, name: str):
 def test_a_freshly_started_writer_has_the_partitions_ahead(settings, pg, tmp_path):
     """The schema step at start creates the current month and the next N-1, as upkeep would."""
     fresh = _fresh_database(settings, pg, f"w_ahead_{uuid.uuid4().hex[:8]}")
-    env = {**settings_env(fresh), "PARTITIONS_AHEAD_MONTHS": "5"}
-    with FunctionServer("functions/writer/main.py", "write", env, log_path=tmp_path / "w.log") as w:
+    env = {"PARTITIONS_AHEAD_MONTHS": "5"}
+    with LocalFunction("writer", "write", fresh, tmp_path, env=env) as w:
         assert request(w.url, "GET", "/readyz")[:2] == (200, {"status": "ready"})
     conn = store.connect(fresh)
     try:

@@ -9,10 +9,10 @@ import pg8000.native
 import pytest
 
 from conftest import _new_database
-from function_server import FunctionServer, request, settings_env
+from function_server import request, settings_env
 from kafkasource import binary_delivery
 from openg2p_audit import store
-from openg2p_audit.devservices import LocalPostgres
+from openg2p_audit.devservices import LocalFunction, LocalPostgres
 from openg2p_audit.kafka_binding import encode
 from test_writer import make_event
 
@@ -49,9 +49,7 @@ def own_postgres(tmp_path):
 def test_postgres_down_gives_503_and_restart_loses_nothing(settings, own_postgres, tmp_path):
     url = own_postgres.create_database("audit")
     env = settings_env(settings.model_copy(update={"database_url": url, "writer_wait_seconds": 20}))
-    with FunctionServer(
-        "functions/writer/main.py", "write", env, log_path=tmp_path / "writer.log"
-    ) as writer:
+    with LocalFunction("writer", "write", None, tmp_path, env=env) as writer:
         before = make_event()
         assert deliver(writer, before)[0] == 201
 
@@ -81,7 +79,7 @@ def test_postgres_down_at_start_gives_503_until_it_is_up(settings, own_postgres,
     url = own_postgres.create_database("audit")
     own_postgres.stop()
     env = settings_env(settings.model_copy(update={"database_url": url}))
-    with FunctionServer("functions/writer/main.py", "write", env) as writer:
+    with LocalFunction("writer", "write", None, tmp_path, env=env) as writer:
         event = make_event()
         assert deliver(writer, event)[0] == 503
         assert request(writer.url, "GET", "/readyz")[0] == 503
@@ -96,7 +94,7 @@ def test_two_writers_starting_together_on_an_empty_database(
     url = _new_database(base_settings, postgres_server, f"empty_{uuid.uuid4().hex[:8]}")
     env = settings_env(settings.model_copy(update={"database_url": url}))
     servers = [
-        FunctionServer("functions/writer/main.py", "write", env, log_path=tmp_path / f"w{i}.log")
+        LocalFunction("writer", "write", None, tmp_path, env=env, log_path=tmp_path / f"w{i}.log")
         for i in range(2)
     ]
     with ThreadPoolExecutor(2) as pool:

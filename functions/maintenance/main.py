@@ -1,12 +1,10 @@
 """Knative Service `audit-maintenance`: hourly partition upkeep and dead-letter redrive,
 fired by a PingSource.
 
-functions-framework target: `maintain` (signature type: cloudevent). GET /metrics,
-GET /healthz and GET /readyz are served beside it.
+functions-framework target: `maintain` (signature type: http, served with `--asgi`): it
+reads the ping CloudEvent itself, and serves GET /metrics, /healthz and /readyz beside it.
 """
 
-from openg2p_audit.maintenance import add_routes, maintain
-
-add_routes()
+from openg2p_audit.maintenance import maintain
 
 __all__ = ["maintain"]

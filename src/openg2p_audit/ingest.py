@@ -24,20 +24,22 @@ be named to the emitter.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import flask
 from prometheus_client import Counter, Histogram
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from .contract import AuditEvent, Limits, Problem, check_event
-from .http_binding import BATCH, STRUCTURED, binary_attributes, is_binary
+from .http_binding import BATCH, STRUCTURED, binary_attributes, is_binary, media_type
 from .kafka_binding import KafkaRecord, encode
 from .observability import configure_logging, metrics_response
 from .producer import Unavailable, producer_for
@@ -69,6 +71,12 @@ REJECTED = Counter(
 UNAVAILABLE = Counter(
     "audit_ingest_unavailable_responses", "Requests answered 503, by cause", ["cause"]
 )
+ABANDONED = Counter(
+    "audit_ingest_abandoned_events",
+    "Events of requests whose caller disconnected before the answer, by what Kafka then did "
+    "(`acked` ones are also counted as accepted)",
+    ["outcome"],
+)
 PRODUCE_LATENCY = Histogram(
     "audit_ingest_produce_latency_seconds",
     "From handing a request's records to the producer until Kafka acknowledged the last one",
@@ -93,21 +101,18 @@ def _problem(reason: str, message: str, status: int = 400) -> Rejected:
 # -- reading the request -----------------------------------------------------
 
 
-def _body(request: flask.Request, limit: int, what: str) -> bytes:
+async def _body(request: Request, limit: int, what: str) -> bytes:
     """The body, refusing (413) before reading more than `limit` bytes."""
-    declared = request.content_length
-    if declared is not None and declared > limit:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _problem("too_large", f"{what} is {declared} bytes; at most {limit} allowed", 413)
     chunks, size = [], 0
-    while size <= limit:
-        chunk = request.stream.read(min(65536, limit + 1 - size))
-        if not chunk:
-            break
+    async for chunk in request.stream():
         chunks.append(chunk)
         size += len(chunk)
-    if size > limit:
-        raise _problem("too_large", f"{what} is over {limit} bytes", 413)
-    return b"".join(chunks)
+        if size > limit:
+            raise _problem("too_large", f"{what} is over {limit} bytes", 413)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # The escape of a UTF-16 surrogate (\ud800-\udfff), in either case, and the character.
@@ -161,12 +166,16 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def _binary_attributes(request: flask.Request) -> dict[str, Any]:
-    return binary_attributes(request.headers.items(), request.content_type)
+def _binary_attributes(request: Request) -> dict[str, Any]:
+    return binary_attributes(request.headers.items(), request.headers.get("content-type"))
 
 
-def _is_binary(request: flask.Request) -> bool:
+def _is_binary(request: Request) -> bool:
     return is_binary(request.headers.keys())
+
+
+def _mimetype(request: Request) -> str:
+    return media_type(request.headers.get("content-type"))
 
 
 def _check_all(raws: list[Any], batch: bool, body: bytes | None = None) -> list[AuditEvent]:
@@ -235,14 +244,14 @@ def _json_media(mimetype: str) -> bool:
     )
 
 
-def _cloudevents(request: flask.Request) -> tuple[list[AuditEvent], bool]:
+async def _cloudevents(request: Request) -> tuple[list[AuditEvent], bool]:
     # The media type names the mode; ce-* headers alone mean binary mode.
-    mimetype = request.mimetype
+    mimetype = _mimetype(request)
     if mimetype == STRUCTURED:
-        body = _body(request, SETTINGS.ingest_max_event_bytes, "event")
+        body = await _body(request, SETTINGS.ingest_max_event_bytes, "event")
         return _check_all([_json(body)], batch=False, body=body), False
     if mimetype == BATCH:
-        body = _body(request, SETTINGS.ingest_max_batch_bytes, "batch")
+        body = await _body(request, SETTINGS.ingest_max_batch_bytes, "batch")
         raws = _batch_list(_json(body), SETTINGS.ingest_max_batch_events)
         return _check_all(raws, batch=True, body=body), True
     if _is_binary(request):
@@ -252,7 +261,7 @@ def _cloudevents(request: flask.Request) -> tuple[list[AuditEvent], bool]:
                 f"binary-mode data must be JSON (application/json), not {mimetype}",
                 415,
             )
-        body = _body(request, SETTINGS.ingest_max_event_bytes, "event")
+        body = await _body(request, SETTINGS.ingest_max_event_bytes, "event")
         attrs = _binary_attributes(request)
         attrs["data"] = _json(body) if body else None
         return _check_all([attrs], batch=False), False
@@ -264,24 +273,25 @@ def _cloudevents(request: flask.Request) -> tuple[list[AuditEvent], bool]:
     )
 
 
-def _require_json(request: flask.Request) -> None:
-    if request.mimetype not in JSON_TYPES:
+def _require_json(request: Request) -> None:
+    mimetype = _mimetype(request)
+    if mimetype not in JSON_TYPES:
         raise _problem(
             "unsupported_media_type",
-            f"content type {request.mimetype or '(none)'} is not supported; send application/json",
+            f"content type {mimetype or '(none)'} is not supported; send application/json",
             415,
         )
 
 
-def _legacy_event(request: flask.Request) -> tuple[list[AuditEvent], bool]:
+async def _legacy_event(request: Request) -> tuple[list[AuditEvent], bool]:
     _require_json(request)
-    body = _body(request, SETTINGS.ingest_max_event_bytes, "event")
+    body = await _body(request, SETTINGS.ingest_max_event_bytes, "event")
     return _check_all([_compat(_json(body))], batch=False, body=body), False
 
 
-def _legacy_batch(request: flask.Request) -> tuple[list[AuditEvent], bool]:
+async def _legacy_batch(request: Request) -> tuple[list[AuditEvent], bool]:
     _require_json(request)
-    body = _body(request, SETTINGS.ingest_max_batch_bytes, "batch")
+    body = await _body(request, SETTINGS.ingest_max_batch_bytes, "batch")
     raw = _json(body)
     if not isinstance(raw, dict) or "events" not in raw:
         raise _problem("schema", 'body must be an object {"events": [...]}')
@@ -292,34 +302,25 @@ def _legacy_batch(request: flask.Request) -> tuple[list[AuditEvent], bool]:
 # -- answering ---------------------------------------------------------------
 
 
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def _json_response(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> flask.Response:
-    return flask.Response(
-        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
-        status=status,
-        headers=headers,
-        mimetype="application/json",
-    )
+) -> Response:
+    return Response(_dumps(body), status, headers, media_type="application/json")
 
 
-def _refusal(status: int, body: dict[str, Any]) -> flask.Response:
-    """A refusal that does not read the rest of the body.
+def _refusal(status: int, body: dict[str, Any]) -> Response:
+    """A refusal that does not read the rest of the body: the connection is closed instead.
 
-    functions-framework drains every request body after the view returns,
-    unless the response is streamed: an oversized upload must not be pulled
-    into memory just to be thrown away, so the connection is closed instead.
+    An oversized upload must not be pulled into memory just to be thrown away.
     """
-
-    def once() -> Iterator[bytes]:
-        yield json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-
-    return flask.Response(
-        once(), status=status, mimetype="application/json", headers={"Connection": "close"}
-    )
+    return _json_response(status, body, {"Connection": "close"})
 
 
-def _trace_id(events: list[AuditEvent], request: flask.Request) -> str | None:
+def _trace_id(events: list[AuditEvent], request: Request) -> str | None:
     for e in events:
         if e.trace_id:
             return e.trace_id
@@ -327,15 +328,20 @@ def _trace_id(events: list[AuditEvent], request: flask.Request) -> str | None:
     return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
 
-def _accept(request: flask.Request, reader: Callable[..., tuple[list[AuditEvent], bool]]):
+Reader = Callable[[Request], Awaitable[tuple[list[AuditEvent], bool]]]
+
+
+async def _accept(request: Request, reader: Reader) -> Response:
     try:
-        events, batch = reader(request)
+        events, batch = await reader(request)
         records = _encode_all(events, batch)
     except Rejected as exc:
         return _rejected(request, exc)
+    except ClientDisconnect:
+        return _json_response(400, {"error": "the client closed the connection mid-request"})
     started = time.monotonic()
     try:
-        producer_for(SETTINGS).publish(records, started)
+        await producer_for(SETTINGS).publish(records, started, on_abandoned=_count_abandoned)
     except Unavailable as exc:
         UNAVAILABLE.labels(exc.cause).inc()
         log.warning(
@@ -366,7 +372,16 @@ def _accept(request: flask.Request, reader: Callable[..., tuple[list[AuditEvent]
     return _json_response(202, {"accepted": ids})
 
 
-def _rejected(request: flask.Request, exc: Rejected) -> flask.Response:
+def _count_abandoned(acked: int, failed: int) -> None:
+    """What became of the records of a request whose caller stopped waiting for the answer."""
+    if acked:
+        ACCEPTED.inc(acked)
+        ABANDONED.labels("acked").inc(acked)
+    if failed:
+        ABANDONED.labels("failed").inc(failed)
+
+
+def _rejected(request: Request, exc: Rejected) -> Response:
     first_reason: dict[int | None, str] = {}
     for p in exc.problems:
         first_reason.setdefault(p.index, p.reason)
@@ -385,7 +400,7 @@ def _rejected(request: flask.Request, exc: Rejected) -> flask.Response:
         len(exc.problems),
         extra={
             "status": exc.status,
-            "path": request.path,
+            "path": request.url.path,
             "reasons": sorted(set(first_reason.values())),
             "trace_id": _trace_id([], request),
         },
@@ -393,20 +408,21 @@ def _rejected(request: flask.Request, exc: Rejected) -> flask.Response:
     return _refusal(exc.status, body)
 
 
-def _healthz(_request: flask.Request) -> flask.Response:
+async def _healthz(_request: Request) -> Response:
     return _json_response(200, {"status": "ok"})
 
 
-def _readyz(_request: flask.Request) -> flask.Response:
-    ok, detail = producer_for(SETTINGS).ready()
+async def _readyz(_request: Request) -> Response:
+    ok, detail = await asyncio.to_thread(producer_for(SETTINGS).ready)
     return _json_response(200 if ok else 503, {"ready": ok, "detail": detail})
 
 
-def _metrics(_request: flask.Request):
-    return metrics_response()
+async def _metrics(_request: Request) -> Response:
+    body, status, headers = metrics_response()
+    return Response(body, status, headers)
 
 
-_POST_ROUTES: dict[str, Callable[[flask.Request], tuple[list[AuditEvent], bool]]] = {
+_POST_ROUTES: dict[str, Reader] = {
     "/": _cloudevents,
     "/v1/auditmanager/events": _legacy_event,
     "/v1/auditmanager/events/batch": _legacy_batch,
@@ -414,17 +430,17 @@ _POST_ROUTES: dict[str, Callable[[flask.Request], tuple[list[AuditEvent], bool]]
 _GET_ROUTES = {"/healthz": _healthz, "/readyz": _readyz, "/metrics": _metrics}
 
 
-def ingest(request: flask.Request):
-    """functions-framework HTTP target (`--target ingest`)."""
-    path = request.path.rstrip("/") or "/"
+async def ingest(request: Request) -> Response:
+    """functions-framework aio HTTP target (`--target ingest`, served with `--asgi`)."""
+    path = request.url.path.rstrip("/") or "/"
     reader = _POST_ROUTES.get(path)
     if reader is not None:
         if request.method != "POST":
             return _json_response(405, {"error": "method not allowed"}, {"Allow": "POST"})
-        return _accept(request, reader)
+        return await _accept(request, reader)
     probe = _GET_ROUTES.get(path)
     if probe is not None:
         if request.method not in ("GET", "HEAD"):
             return _json_response(405, {"error": "method not allowed"}, {"Allow": "GET"})
-        return probe(request)
-    return _json_response(404, {"error": f"no such path: {request.path}"})
+        return await probe(request)
+    return _json_response(404, {"error": f"no such path: {request.url.path}"})

@@ -29,6 +29,7 @@ Nothing is kept in memory between runs, so the function can scale to zero.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -40,9 +41,13 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 import pg8000.native
+from cloudevents import exceptions as cloudevents_exceptions
+from cloudevents.http import from_http
 from pg8000.exceptions import InterfaceError
 from prometheus_client import Counter
 from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
 
 from . import store
 from .kafka_binding import STRUCTURED_CONTENT_TYPE, is_binary
@@ -535,11 +540,12 @@ def run_maintenance(
 # --------------------------------------------------------------------------- the function
 
 
-def maintain(cloud_event) -> dict[str, Any]:
-    """functions-framework CloudEvent target, fired hourly by a PingSource.
+def handle_ping(cloud_event) -> dict[str, Any]:
+    """One maintenance run for one ping (any CloudEvent), blocking until it is done.
 
     Returns (and logs) the JSON summary once the work is committed; raises
-    when it is not, so functions-framework answers 500 and the PingSource retries.
+    MaintenanceError when it is not, so the function answers 500 and the
+    PingSource retries.
     """
     configure_logging()
     event_type = cloud_event["type"] if cloud_event is not None else None
@@ -577,26 +583,38 @@ def _unreachable(exc: BaseException) -> bool:
     )
 
 
-def add_routes() -> None:
-    """GET /metrics, /healthz and /readyz beside the CloudEvent route (functions-framework).
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(json.dumps(body, default=str), status, media_type="application/json")
 
-    A CloudEvent function answers only POST; functions-framework imports the
-    source inside its Flask application context, so the app is reachable here.
+
+async def maintain(request: Request) -> Response:
+    """functions-framework aio HTTP target (served with `--asgi`), fired hourly by a PingSource.
+
+    It reads the ping CloudEvent itself rather than being declared a
+    `cloudevent` function: functions-framework's ASGI app routes only POST to
+    those, and the probes and `/metrics` are GETs on the same port. The run
+    blocks on PostgreSQL and Kafka, so it goes to a thread; the answer (200
+    with the summary, or 500 so the PingSource retries) comes once it is done.
     """
-    import flask
-
-    if not flask.has_app_context():
-        return
-    app = flask.current_app
-    if "maintenance_metrics" in app.view_functions:
-        return
-    app.add_url_rule("/metrics", "maintenance_metrics", metrics_response, methods=["GET"])
-    # Readiness is liveness here: a run checks PostgreSQL and Kafka itself and fails
-    # (so the PingSource retries) when they are away; an idle pod needs neither.
-    for path in ("/healthz", "/readyz"):
-        app.add_url_rule(
-            path,
-            "maintenance_" + path.strip("/"),
-            lambda: ({"status": "ok"}, 200),
-            methods=["GET"],
-        )
+    path = request.url.path.rstrip("/") or "/"
+    if request.method in ("GET", "HEAD"):
+        if path == "/metrics":
+            body, status, headers = metrics_response()
+            return Response(body, status, headers)
+        # Readiness is liveness here: a run checks PostgreSQL and Kafka itself and fails
+        # (so the PingSource retries) when they are away; an idle pod needs neither.
+        if path in ("/healthz", "/readyz"):
+            return _json(200, {"status": "ok"})
+        return _json(404, {"error": "not_found", "message": f"no GET {path}"})
+    if request.method != "POST":
+        return _json(405, {"error": "method_not_allowed", "message": "pings are POSTed"})
+    body = await request.body()
+    try:
+        event = from_http(dict(request.headers), body)
+    except cloudevents_exceptions.GenericException as exc:
+        return _json(400, {"error": "not_a_cloudevent", "message": str(exc)})
+    try:
+        report = await asyncio.to_thread(handle_ping, event)
+    except MaintenanceError as exc:
+        return _json(500, {"error": "maintenance_failed", "message": str(exc)})
+    return _json(200, report)

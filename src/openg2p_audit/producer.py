@@ -23,12 +23,14 @@ sender thread and sockets do not survive a fork.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -121,17 +123,50 @@ class EventProducer:
     def pending(self) -> int:
         return self._pending
 
-    def _done(self, _result: Any = None) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-
-    def publish(self, records: Sequence[KafkaRecord], started: float | None = None) -> None:
+    async def publish(
+        self,
+        records: Sequence[KafkaRecord],
+        started: float | None = None,
+        on_abandoned: Callable[[int, int], None] | None = None,
+    ) -> None:
         """Return once the broker has acknowledged every record; raise Unavailable otherwise.
 
-        The whole call, connecting included, ends within the ack timeout of `started`.
+        The whole call, connecting included, ends within the ack timeout of
+        `started`, and holds no thread while it waits: the acks resolve an
+        asyncio future from the producer's sender thread. A caller that is
+        cancelled while waiting (its client went away) still learns what became
+        of the records through `on_abandoned(acked, failed)`, so none goes uncounted.
         """
         deadline = (started or time.monotonic()) + self.timeout
-        producer = self._kafka(deadline)
+        producer = self._producer
+        if producer is None:  # connecting blocks: off the event loop
+            producer = await asyncio.to_thread(self._kafka, deadline)
+        loop = asyncio.get_running_loop()
+        if producer._metadata.partitions_for_topic(self.topic) is not None:
+            acks = self._send(producer, records, loop)
+        else:  # send() would block on the topic's metadata: not on the event loop either
+            acks = await asyncio.to_thread(self._send, producer, records, loop)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.shield(acks.future)
+        except TimeoutError as exc:
+            raise Unavailable(
+                "broker_unavailable",
+                f"Kafka did not acknowledge within {self.settings.ingest_ack_timeout_ms} ms",
+            ) from exc
+        except asyncio.CancelledError:
+            if on_abandoned is not None:
+                acks.when_settled(on_abandoned)
+            raise
+        if acks.error is not None:
+            raise Unavailable("broker_error", f"Kafka rejected a record: {acks.error}")
+
+    def _send(
+        self,
+        producer: KafkaProducer,
+        records: Sequence[KafkaRecord],
+        loop: asyncio.AbstractEventLoop,
+    ) -> _Acks:
         n = len(records)
         with self._pending_lock:
             if self._pending + n > self.settings.ingest_max_pending_events:
@@ -140,14 +175,16 @@ class EventProducer:
                     f"{self._pending} events are already waiting for Kafka in this instance",
                 )
             self._pending += n
-        futures = []
+        acks = _Acks(self, loop, n)
+        sent = 0
         try:
             for record in records:
                 future = producer.send(
                     self.topic, value=record.value, key=record.key, headers=record.headers
                 )
-                future.add_both(self._done)
-                futures.append(future)
+                sent += 1
+                future.add_callback(acks.ok)
+                future.add_errback(acks.fail)
         except KafkaTimeoutError as exc:
             self._failed_at = time.monotonic()
             raise Unavailable("broker_unavailable", "Kafka metadata unavailable in time") from exc
@@ -157,20 +194,10 @@ class EventProducer:
             self._discard(producer, exc)
             raise Unavailable("broker_error", f"Kafka refused the records: {exc}") from exc
         finally:
-            unsent = n - len(futures)
-            if unsent:
+            if sent < n:
                 with self._pending_lock:
-                    self._pending -= unsent
-        for future in futures:
-            try:
-                future.get(timeout=max(0.0, deadline - time.monotonic()))
-            except KafkaTimeoutError as exc:
-                raise Unavailable(
-                    "broker_unavailable",
-                    f"Kafka did not acknowledge within {self.settings.ingest_ack_timeout_ms} ms",
-                ) from exc
-            except KafkaError as exc:
-                raise Unavailable("broker_error", f"Kafka rejected a record: {exc}") from exc
+                    self._pending -= n - sent
+        return acks
 
     def _discard(self, producer: KafkaProducer, exc: Exception) -> None:
         with self._create_lock:
@@ -224,6 +251,69 @@ class EventProducer:
             ok, detail = False, f"broker unreachable: {exc}"
         self._ready = (time.monotonic(), ok)
         return ok, detail
+
+
+class _Acks:
+    """The acks of one request's records; resolves `future` on the loop when all are in.
+
+    Called from the producer's sender thread once per record, so it takes one
+    lock per record and wakes the event loop once per request (at the last ack,
+    or at the first failure, which already decides the answer).
+    """
+
+    __slots__ = (
+        "_left", "_lock", "_loop", "_owner", "_settled_hook", "acked", "error", "failed", "future",
+    )  # fmt: skip
+
+    def __init__(self, owner: EventProducer, loop: asyncio.AbstractEventLoop, count: int):
+        self._owner = owner
+        self._loop = loop
+        self._left = count
+        self._lock = threading.Lock()
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.acked = 0
+        self.failed = 0
+        self.error: BaseException | None = None
+        self._settled_hook: Callable[[int, int], None] | None = None
+
+    def when_settled(self, hook: Callable[[int, int], None]) -> None:
+        """Call `hook(acked, failed)` once every record has an outcome (maybe right now)."""
+        with self._lock:
+            if self._left > 0:
+                self._settled_hook = hook
+                return
+        hook(self.acked, self.failed)
+
+    def ok(self, _metadata: Any) -> None:
+        self._settle(None)
+
+    def fail(self, exc: BaseException) -> None:
+        self._settle(exc)
+
+    def _settle(self, exc: BaseException | None) -> None:
+        owner = self._owner
+        with owner._pending_lock:
+            owner._pending -= 1
+        with self._lock:
+            self._left -= 1
+            if exc is None:
+                self.acked += 1
+            else:
+                self.failed += 1
+            first_error = exc is not None and self.error is None
+            if first_error:
+                self.error = exc
+            wake = self._left == 0 or first_error
+            hook = self._settled_hook if self._left == 0 else None
+        if hook is not None:
+            hook(self.acked, self.failed)
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                self._loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
 
 
 _instance: EventProducer | None = None

@@ -12,10 +12,11 @@ and reads nothing but the status code:
 
 Many deliveries are in flight per instance. Committing each alone would cap
 the writer at roughly one fsync per event, so the requests of one process
-share transactions (group commit): handler threads hand their row to one
-committer thread and wait; the committer puts everything pending into one
-INSERT, commits, and wakes each handler with its own outcome. Under light
-load a batch is a single row and nothing waits for company.
+share transactions (group commit): each delivery, waiting on the event loop
+without holding a thread, hands its row to one committer thread; the
+committer puts everything pending into one INSERT, commits, and wakes each
+delivery with its own outcome. Under light load a batch is a single row and
+nothing waits for company.
 
 State here is only a cache (the connection, the partitions known to exist);
 every answer reflects what PostgreSQL committed, so the function can scale to
@@ -24,6 +25,7 @@ zero and back at any time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -37,6 +39,8 @@ from typing import Any
 import pg8000.native
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
 
 from . import store
 from .contract import AuditEvent
@@ -193,9 +197,14 @@ def parse_delivery(headers: Any, body: bytes) -> AuditEvent:
 
 @dataclass(eq=False)
 class _Pending:
-    """One delivery waiting for its transaction. A held lock is the cheapest one-shot signal."""
+    """One delivery waiting for its transaction.
+
+    A waiter on the event loop awaits `future`; any other (tools, tests) waits
+    on a held lock, the cheapest one-shot signal between threads.
+    """
 
     row: store.Row
+    future: asyncio.Future[None] | None = None
     status: str = ""  # stored | duplicate | rejected | unavailable
     detail: str = ""
     _signal: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -211,8 +220,27 @@ class _Pending:
             self._signal.release()
 
 
+def _resolve(items: list[_Pending]) -> None:
+    """On the event loop: wake every delivery of one committed batch."""
+    for item in items:
+        if item.future is not None and not item.future.done():
+            item.future.set_result(None)
+
+
+def _wake(batch: list[_Pending]) -> None:
+    """From the committer thread: one call into each waiting event loop per batch."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+    for item in batch:
+        item.done()
+        if item.future is not None:
+            by_loop.setdefault(item.future.get_loop(), []).append(item)
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(_resolve, items)
+
+
 class GroupCommitter:
-    """One committer thread and one connection per process; handler threads wait on it."""
+    """One committer thread and one connection per process; deliveries await it."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -222,13 +250,17 @@ class GroupCommitter:
         self._start_lock = threading.Lock()
         self.schema_ready = threading.Event()
 
-    # Handler side.
+    # Delivery side (the event loop).
 
-    def submit(self, row: store.Row) -> _Pending:
+    async def submit(self, row: store.Row) -> _Pending:
+        """Queue the row for the next transaction; return once it is committed (or not)."""
         self._ensure_thread()
-        item = _Pending(row)
+        item = _Pending(row, asyncio.get_running_loop().create_future())
         self._queue.put(item)
-        if not item.wait(self.settings.writer_wait_seconds):
+        try:
+            async with asyncio.timeout(self.settings.writer_wait_seconds):
+                await asyncio.shield(item.future)
+        except TimeoutError:
             item.status = "unavailable"
             item.detail = f"the commit did not finish within {self.settings.writer_wait_seconds}s"
         return item
@@ -264,8 +296,7 @@ class GroupCommitter:
                 for item in batch:
                     self._finish(item, "unavailable", f"internal error: {exc}")
             finally:
-                for item in batch:
-                    item.done()
+                _wake(batch)
 
     def _connection(self) -> tuple[pg8000.native.Connection, bool]:
         """The open connection, or a new one (schema ensured); the flag says it is new."""
@@ -379,40 +410,41 @@ def committer() -> GroupCommitter:
     return _committer
 
 
-def _json(status: int, body: dict[str, Any], **headers: str) -> tuple[str, int, dict[str, str]]:
+def _json(status: int, body: dict[str, Any], **headers: str) -> Response:
     # No `default=`: that would build a new encoder for every answer.
-    return json.dumps(body), status, {"Content-Type": "application/json", **headers}
+    return Response(json.dumps(body), status, headers, media_type="application/json")
 
 
-def _unavailable(reason: str, message: str) -> tuple[str, int, dict[str, str]]:
+def _unavailable(reason: str, message: str) -> Response:
     UNAVAILABLE.labels(reason).inc()
     return _json(503, {"error": reason, "message": message}, **{"Retry-After": "1"})
 
 
-def _ensure_started(c: GroupCommitter) -> tuple[str, int, dict[str, str]] | None:
+async def _ensure_started(c: GroupCommitter) -> Response | None:
     """The schema must exist before the first answer; None when it does."""
     if c.schema_ready.is_set():
         return None
     try:
-        c.probe()
+        await asyncio.to_thread(c.probe)
     except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
         return _unavailable("database_unavailable", f"database unavailable: {_db_message(exc)}")
     return None
 
 
-def write(request):
-    """functions-framework HTTP target: every path of the service lands here."""
+async def write(request: Request) -> Response:
+    """functions-framework aio HTTP target (served with `--asgi`): every path lands here."""
     c = committer()
-    path = request.path.rstrip("/") or "/"
+    path = request.url.path.rstrip("/") or "/"
     if request.method == "GET":
         if path == "/healthz":
             ok = c.alive()
             return _json(200 if ok else 503, {"status": "ok" if ok else "committer stopped"})
         if path == "/metrics":
-            return metrics_response()
+            body, status, headers = metrics_response()
+            return Response(body, status, headers)
         if path == "/readyz":
             try:
-                c.probe()
+                await asyncio.to_thread(c.probe)
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
                 return _json(503, {"status": "unavailable", "reason": _db_message(exc)})
             return _json(200, {"status": "ready"})
@@ -420,11 +452,12 @@ def write(request):
     if request.method != "POST":
         return _json(405, {"error": "method_not_allowed", "message": "deliveries are POSTed"})
 
-    not_ready = _ensure_started(c)
+    not_ready = await _ensure_started(c)
     if not_ready is not None:
         return not_ready
+    body = await request.body()
     try:
-        event = parse_delivery(request.headers, request.get_data())
+        event = parse_delivery(request.headers, body)
         row = store.event_to_row(event)
     except Rejection as rej:
         REJECTIONS.labels(rej.reason).inc()
@@ -434,7 +467,7 @@ def write(request):
         REJECTIONS.labels("unstorable").inc()
         return _json(422, {"error": "unstorable", "message": str(exc), "id": event.id})
 
-    item = c.submit(row)
+    item = await c.submit(row)
     if item.status == "stored":
         return _json(201, {"status": "stored", "id": row.id})
     if item.status == "duplicate":

@@ -1,12 +1,13 @@
 """A function served exactly as in a deployment: functions-framework in its own process.
 
 Tests and benchmarks drive the functions over real HTTP through the same
-server (gunicorn, its workers and threads, its signal handling) a Knative
-Service runs, so what they prove holds there.
+server a Knative Service runs (functions-framework's ASGI mode: gunicorn with
+`WORKERS` uvicorn workers, its signal handling), so what they prove holds there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,55 +32,58 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 class LocalFunction:
-    """`functions-framework --source functions/<name>/main.py --target <target>` on 127.0.0.1.
+    """`functions-framework --asgi --source functions/<name>/main.py --target <target>`.
 
-    `source` (relative to the repository root) serves another file, e.g. a benchmark baseline.
+    On 127.0.0.1, in a process group of its own so that stopping it stops
+    gunicorn's workers too. `source` (relative to the repository root) serves
+    another file, e.g. a benchmark baseline. `settings=None` passes only `env`.
     """
 
     def __init__(
         self,
         name: str,
         target: str,
-        settings: Settings,
+        settings: Settings | None,
         workdir: Path,
         *,
         signature_type: str = "http",
         workers: int = 1,
-        threads: int = 8,
         env: dict[str, str] | None = None,
         source: str | None = None,
+        log_path: Path | None = None,
     ):
         self.name, self.target, self.signature_type = name, target, signature_type
         self.settings = settings
         self.workdir = Path(workdir)
         self.port = free_port()
-        self.workers, self.threads = workers, threads
+        self.workers = workers
         self.extra_env = env or {}
         self.source = source or f"functions/{name}/main.py"
         self.proc: subprocess.Popen | None = None
-        self.log_path = self.workdir / f"{name}.log"
+        self.log_path = Path(log_path) if log_path else self.workdir / f"{name}.log"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0, ready_path: str = "/healthz") -> LocalFunction:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
-            **settings_env(self.settings),
+            **(settings_env(self.settings) if self.settings is not None else {}),
             "WORKERS": str(self.workers),
-            "THREADS": str(self.threads),
+            "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
         cli = Path(sys.executable).with_name("functions-framework")
         out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
-            [str(cli), "--source", self.source, "--target", self.target,
+            [str(cli), "--asgi", "--source", self.source, "--target", self.target,
              "--signature-type", self.signature_type, "--host", "127.0.0.1",
              "--port", str(self.port)],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(signal.SIGKILL),
+            start_new_session=True,
         )  # fmt: skip
         out.close()
         deadline = time.monotonic() + timeout
@@ -107,8 +111,13 @@ class LocalFunction:
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
-        stop_process(self.proc, signal.SIGTERM, timeout)
-        self.proc = None
+        """SIGTERM (the server drains in-flight requests), then SIGKILL to the whole group."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        stop_process(proc, signal.SIGTERM, timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers a killed master left behind
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

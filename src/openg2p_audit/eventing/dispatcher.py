@@ -232,6 +232,17 @@ class KafkaDispatcher:
                     time.sleep(0.2)
             if have:
                 return
+            # A topic created a moment ago can show no partitions yet; committing nothing would
+            # leave the group without offsets, and each later assignment would then skip to the
+            # end again, past events sent after the source was ready.
+            while True:
+                missing = self._missing_partitions(consumer)
+                if not missing or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            if missing:
+                log.warning("%s: no partitions known for %s; their start is left to the broker",
+                            self.name, ", ".join(missing))  # fmt: skip
             tps = [
                 TopicPartition(t, p)
                 for t in self.topics
