@@ -1,11 +1,13 @@
-"""Control for the HTTP benchmark: the same server, a function that does nothing.
+"""Control for the HTTP benchmarks: the same server, a function that does nothing.
 
 It reads the delivery and answers 201, so its request rate is what
-functions-framework (gunicorn gthread + Flask) allows on this machine at this
-moment; the writer's rate is read against it.
+functions-framework's ASGI mode (gunicorn with uvicorn workers) allows on this
+machine at this moment; the writer's rate is read against it.
 """
 
+from starlette.responses import Response
 
-def trivial(request):
-    request.get_data()
-    return '{"status": "stored"}', 201, {"Content-Type": "application/json"}
+
+async def trivial(request):
+    await request.body()
+    return Response(b'{"status": "stored"}', 201, media_type="application/json")

@@ -2,15 +2,18 @@
 
 It parses and validates the event with the same model and answers 202 without
 touching Kafka: what the HTTP server alone allows on this machine, right now.
+An aio function under the same server as ingest (functions-framework `--asgi`).
 """
 
 import json
 
+from starlette.responses import Response
+
 from openg2p_audit.contract import AuditEvent
 
 
-def baseline(request):
-    if request.path == "/healthz":
-        return "ok", 200
-    event = AuditEvent.model_validate_json(request.get_data())
-    return json.dumps({"accepted": [event.id]}), 202, {"Content-Type": "application/json"}
+async def baseline(request):
+    if request.url.path == "/healthz":
+        return Response("ok")
+    event = AuditEvent.model_validate_json(await request.body())
+    return Response(json.dumps({"accepted": [event.id]}), 202, media_type="application/json")
