@@ -28,6 +28,7 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,7 +59,7 @@ class Unavailable(Exception):
 
     def __init__(self, cause: str, detail: str):
         super().__init__(detail)
-        self.cause = cause  # broker_unavailable | overloaded | broker_error
+        self.cause = cause  # broker_unavailable | overloaded | broker_error | shutting_down
 
 
 class EventProducer:
@@ -77,6 +78,8 @@ class EventProducer:
         self._probe: Future[bool] | None = None
         self._probe_lock = threading.Lock()
         self._ready: tuple[float, bool] = (0.0, False)
+        self._requests = 0  # publish() calls in progress (on the event loop)
+        self.draining = False
 
     # -- the producer itself -------------------------------------------------
 
@@ -137,9 +140,24 @@ class EventProducer:
         cancelled while waiting (its client went away) still learns what became
         of the records through `on_abandoned(acked, failed)`, so none goes uncounted.
         """
+        if self.draining:
+            raise Unavailable("shutting_down", "this instance is shutting down; send elsewhere")
+        self._requests += 1
+        try:
+            await self._publish(records, started, on_abandoned)
+        finally:
+            self._requests -= 1
+
+    async def _publish(
+        self,
+        records: Sequence[KafkaRecord],
+        started: float | None,
+        on_abandoned: Callable[[int, int], None] | None,
+    ) -> None:
         deadline = (started or time.monotonic()) + self.timeout
         producer = self._producer
         if producer is None:  # connecting blocks: off the event loop
+            drain_on_sigterm(self)
             producer = await asyncio.to_thread(self._kafka, deadline)
         loop = asyncio.get_running_loop()
         if producer._metadata.partitions_for_topic(self.topic) is not None:
@@ -333,6 +351,44 @@ def producer_for(settings: Settings) -> EventProducer:
             _instance_pid = os.getpid()
             atexit.register(_close_at_exit, _instance)
         return _instance
+
+
+def drain_on_sigterm(instance: EventProducer) -> None:
+    """On SIGTERM: refuse new events, let waiting requests finish, close, then let the server go.
+
+    uvicorn answers SIGTERM by finishing the open requests and then dying by
+    the same signal with its default action, so atexit never runs in a worker.
+    So the signal is taken here first, on the worker's main thread (the event
+    loop): new requests get 503, the requests already waiting for Kafka get
+    their answer, the producer flushes and closes, and only then is uvicorn's
+    own handler called and the worker shuts down.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    server_handler = signal.getsignal(signal.SIGTERM)
+    if getattr(server_handler, "_audit_drain", False):
+        return
+    loop = asyncio.get_running_loop()
+
+    def drain() -> None:
+        deadline = time.monotonic() + instance.timeout + 1.0
+        while instance._requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        instance.close()
+        if callable(server_handler):
+            loop.call_soon_threadsafe(server_handler, signal.SIGTERM, None)
+        else:  # no server handler (the default action): exit as it would have
+            signal.signal(signal.SIGTERM, server_handler)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        if instance.draining:
+            return
+        instance.draining = True
+        threading.Thread(target=drain, name="kafka-drain", daemon=True).start()
+
+    on_sigterm._audit_drain = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _close_at_exit(instance: EventProducer) -> None:
