@@ -6,12 +6,12 @@ One command, from the repository root:
 
 It starts a local Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS points at one),
 creates fresh topics, serves the ingest function with functions-framework
-exactly as a deployment does (WORKERS/THREADS as given), then drives it with
+exactly as a deployment does (ASGI mode, WORKERS as given), then drives it with
 keep-alive HTTP clients in separate processes: first single-event requests,
 then batches. Every request waits for Kafka's acknowledgement (acks=all), as
 in production. It prints requests/s, events/s, p50 and p99 latency per phase.
 
-Options: --workers, --threads (functions-framework), --clients (client
+Options: --workers (functions-framework --asgi), --clients (client
 processes), --connections (per client), --seconds (per phase), --batch
 (events per batch request), --linger (INGEST_LINGER_MS), --only single|batch.
 """
@@ -237,7 +237,6 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--connections", type=int, default=32, help="per client process")
     ap.add_argument("--batch-connections", type=int, default=4, help="per client, batch phase")
@@ -276,7 +275,7 @@ def main() -> int:
     fn.start()
     results: list[dict] = []
     print(
-        f"ingest: WORKERS={args.workers} THREADS={args.threads} "
+        f"ingest: WORKERS={args.workers} (uvicorn workers) "
         f"INGEST_LINGER_MS={settings.ingest_linger_ms}; clients: {args.clients} processes",
         flush=True,
     )

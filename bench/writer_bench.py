@@ -1,7 +1,7 @@
 """Writer throughput against the real PostgreSQL: HTTP deliveries, the bulk path, and COPY.
 
     .venv/bin/python bench/writer_bench.py [--events 50000] [--duration 15]
-        [--http 1x8:64,1x64:64,1x256:256,2x128:256]   # WORKERSxTHREADS:CONNECTIONS
+        [--http 1:64,1:256,2:256]   # WORKERS:CONNECTIONS (functions-framework --asgi)
 
 Needs `wrk` (Debian package `wrk`) as the load generator for the HTTP path:
 it sends binary CloudEvents as a KafkaSource does (bench/writer_deliveries.lua),
@@ -160,9 +160,7 @@ def copy_text(rows: list[store.Row]) -> str:
 # --------------------------------------------------------------------------- runs
 
 
-def run_http(
-    settings, pg_pid, workers, threads, connections, duration, logdir, trivial=False
-) -> dict:
+def run_http(settings, pg_pid, workers, connections, duration, logdir, trivial=False) -> dict:
     conn = store.connect(settings)
     conn.run("TRUNCATE audit_events")
     env = settings_env(settings)
@@ -175,7 +173,7 @@ def run_http(
     )
     server = LocalFunction(
         "writer", target, None, logdir, workers=workers, env=env, source=source,
-        log_path=logdir / f"writer-{workers}x{threads}.log",
+        log_path=logdir / f"writer-{workers}w-{connections}c.log",
     )  # fmt: skip
     with server:
         if not trivial:
@@ -208,7 +206,7 @@ def run_http(
     batches = _metric(metrics, "audit_writer_batch_size_count")
     return {
         "path": ("CONTROL: do-nothing function, " if trivial else "HTTP writer, ")
-        + f"{workers} worker(s) x {threads} threads, {connections} concurrent",
+        + f"{workers} uvicorn worker(s), {connections} concurrent",
         "rows": rows,
         "rows_per_s": rows / cpu.wall,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
@@ -350,8 +348,8 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--batch", type=int, default=5000, help="rows per transaction, bulk and COPY")
     ap.add_argument("--duration", type=int, default=15, help="seconds per HTTP run")
-    ap.add_argument("--http", default="1x8:64,1x64:64,1x256:256,2x128:256")
-    ap.add_argument("--control", default="1x8:64,2x128:256", help="do-nothing function runs")
+    ap.add_argument("--http", default="1:64,1:256,2:256", help="WORKERS:CONNECTIONS runs")
+    ap.add_argument("--control", default="1:64,2:256", help="do-nothing function runs")
     ap.add_argument("--bulk-workers", default="1,2")
     ap.add_argument("--skip-bulk", action="store_true")
     ap.add_argument("--json", help="also write the results here")
@@ -392,11 +390,9 @@ def main() -> int:
         runs += [(spec, False) for spec in args.http.split(",") if spec]
         for spec, trivial in runs:
             wt, conns = spec.split(":")
-            workers, threads = (int(x) for x in wt.split("x"))
+            workers = int(wt)
             results.append(
-                run_http(
-                    settings, pg_pid, workers, threads, int(conns), args.duration, work, trivial
-                )
+                run_http(settings, pg_pid, workers, int(conns), args.duration, work, trivial)
             )
             _print(results[-1])
 
