@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -118,11 +119,24 @@ def connect(
         application_name=application_name,
     )
     try:
+        _no_delay(conn)
         conn.run(f"SET statement_timeout = {int(settings.db_statement_timeout * 1000)}")
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _no_delay(conn: pg8000.native.Connection) -> None:
+    """Send each message at once (TCP_NODELAY), as libpq does.
+
+    pg8000 leaves Nagle's algorithm on. A batch's INSERT is larger than its
+    8 KiB write buffer, so it leaves as several segments, and the last one
+    waited for the server's delayed ACK: about 40 ms on every group commit.
+    """
+    sock = getattr(conn, "_usock", None)  # pg8000's socket; absent for a Unix socket path
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 # --------------------------------------------------------------------------- months

@@ -94,7 +94,7 @@ class LocalFunction:
                 )
             try:
                 with urllib.request.urlopen(self.url + ready_path, timeout=2) as resp:
-                    if resp.status == 200:
+                    if 200 <= resp.status < 300:
                         return self
             except OSError:
                 time.sleep(0.1)
