@@ -129,3 +129,25 @@ def test_a_latest_member_commits_every_partitions_start_before_it_joins(settings
             ), f"round {round_}"
     finally:
         admin.close()
+
+
+def test_the_first_assignment_is_not_followed_by_a_rebalance(settings):
+    """A member that joined with complete metadata keeps its assignment.
+
+    With the metadata fetched before subscribing, kafka-python's snapshot of
+    the subscribed topics stayed empty, so the next metadata refresh made the
+    member rejoin at once; that rebalance revoked partitions whose records were
+    already fetched, and `dev up` could leave an event undelivered.
+    """
+    boot = settings.bootstrap_servers
+    for round_ in range(3):
+        topic = f"{settings.kafka_events_topic}.steady{round_}.{uuid.uuid4().hex[:6]}"
+        ensure_topic(boot, topic, PARTITIONS)
+        dispatcher = _dispatcher(boot, topic).start()
+        try:
+            dispatcher.wait_assigned(ASSIGN_WITHIN)
+            time.sleep(3)  # the rebalance came within a second of the first assignment
+            assignments = list(dispatcher.stats.assignments)
+        finally:
+            dispatcher.stop()
+        assert assignments == [_expected(topic)], f"round {round_}: {assignments}"

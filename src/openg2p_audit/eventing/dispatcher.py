@@ -276,8 +276,13 @@ class KafkaDispatcher:
         self._ready.set()
         consumer = self._consumer
         try:
-            self._await_topic_metadata(consumer)
+            # Subscribed first, then the metadata: subscribe() does not join (the first
+            # poll does), and kafka-python only takes the metadata of topics it is
+            # subscribed to into the snapshot it assigns from. Fetched before subscribing,
+            # the snapshot stayed empty and the first assignment was followed at once
+            # by a rebalance, which revoked partitions with records already fetched.
             consumer.subscribe(self.topics, listener=_Listener(self))
+            self._await_topic_metadata(consumer)
             while not self.egress.stopping.is_set():
                 try:
                     self._run_control()
