@@ -94,10 +94,6 @@ class Rejection(Exception):
 # --------------------------------------------------------------------------- parsing
 
 
-def _lower(headers: Any) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items()}
-
-
 def _validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     return [
         {"field": ".".join(str(p) for p in err["loc"]) or "event", "problem": err["msg"]}
