@@ -418,8 +418,7 @@ async def _readyz(_request: Request) -> Response:
 
 
 async def _metrics(_request: Request) -> Response:
-    body, status, headers = metrics_response()
-    return Response(body, status, headers)
+    return metrics_response()
 
 
 _POST_ROUTES: dict[str, Reader] = {

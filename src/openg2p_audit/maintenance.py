@@ -599,8 +599,7 @@ async def maintain(request: Request) -> Response:
     path = request.url.path.rstrip("/") or "/"
     if request.method in ("GET", "HEAD"):
         if path == "/metrics":
-            body, status, headers = metrics_response()
-            return Response(body, status, headers)
+            return metrics_response()
         # Readiness is liveness here: a run checks PostgreSQL and Kafka itself and fails
         # (so the PingSource retries) when they are away; an idle pod needs neither.
         if path in ("/healthz", "/readyz"):

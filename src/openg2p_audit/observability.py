@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from starlette.responses import Response
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -49,18 +50,18 @@ def configure_logging(level: str | int = "INFO") -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
-def metrics_response() -> tuple[bytes, int, dict[str, str]]:
-    """A Flask-style (body, status, headers) answer for GET /metrics.
+def metrics_response() -> Response:
+    """The answer to GET /metrics, for every function.
 
-    With several gunicorn workers (WORKERS > 1) each process counts on its own;
+    With several uvicorn workers (WORKERS > 1) each process counts on its own;
     setting PROMETHEUS_MULTIPROC_DIR makes prometheus-client share the counts
     through files there, and this answer then sums every worker's.
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
-    return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 def prepare_multiprocess_metrics() -> None:

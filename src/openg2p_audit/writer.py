@@ -436,8 +436,7 @@ async def write(request: Request) -> Response:
             ok = c.alive()
             return _json(200 if ok else 503, {"status": "ok" if ok else "committer stopped"})
         if path == "/metrics":
-            body, status, headers = metrics_response()
-            return Response(body, status, headers)
+            return metrics_response()
         if path == "/readyz":
             try:
                 await asyncio.to_thread(c.probe)
