@@ -235,11 +235,7 @@ class KafkaDispatcher:
             # A topic created a moment ago can show no partitions yet; committing nothing would
             # leave the group without offsets, and each later assignment would then skip to the
             # end again, past events sent after the source was ready.
-            while True:
-                missing = self._missing_partitions(consumer)
-                if not missing or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
+            missing = self._wait_for_partitions(consumer, deadline)
             if missing:
                 log.warning("%s: no partitions known for %s; their start is left to the broker",
                             self.name, ", ".join(missing))  # fmt: skip
@@ -312,21 +308,23 @@ class KafkaDispatcher:
         consumer.topics()  # always a fresh metadata request, unlike partitions_for_topic()
         return [t for t in self.topics if not consumer.partitions_for_topic(t)]
 
-    def _await_topic_metadata(self, consumer: KafkaConsumer) -> None:
-        """Join only once every topic's partitions are known (bounded: a topic may come later)."""
-        deadline = time.monotonic() + METADATA_WAIT
-        while not self.egress.stopping.is_set():
+    def _wait_for_partitions(self, consumer: KafkaConsumer, deadline: float) -> list[str]:
+        """Refresh the metadata until every topic has partitions, or the deadline or a stop
+        comes; return the topics still without (a topic may only come later)."""
+        while True:
             try:
                 missing = self._missing_partitions(consumer)
             except KafkaError as exc:
                 missing = [f"({exc!r})"]
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                log.warning("%s: no partitions known for %s yet; joining the group anyway",
-                            self.name, ", ".join(missing))  # fmt: skip
-                return
-            self.egress.stopping.wait(0.1)
+            if not missing or time.monotonic() > deadline or self.egress.stopping.wait(0.1):
+                return missing
+
+    def _await_topic_metadata(self, consumer: KafkaConsumer) -> None:
+        """Join only once every topic's partitions are known (bounded)."""
+        missing = self._wait_for_partitions(consumer, time.monotonic() + METADATA_WAIT)
+        if missing and not self.egress.stopping.is_set():
+            log.warning("%s: no partitions known for %s yet; joining the group anyway",
+                        self.name, ", ".join(missing))  # fmt: skip
 
     def _refresh_while_unassigned(self, consumer: KafkaConsumer) -> None:
         """With no partitions, fetch metadata again: new partitions make the member rejoin."""
