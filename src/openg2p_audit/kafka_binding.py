@@ -32,7 +32,7 @@ class KafkaRecord:
     headers: list[tuple[str, bytes]]
 
 
-def _text(value: Any) -> str:
+def attribute_text(value: Any) -> str:
     """An attribute's canonical string (CloudEvents type system): booleans are true/false."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -42,7 +42,7 @@ def _text(value: Any) -> str:
 def encode(event: AuditEvent) -> KafkaRecord:
     attrs = event.attributes()
     headers = [("content-type", attrs.pop("datacontenttype").encode())]
-    headers.extend((f"ce_{name}", _text(value).encode()) for name, value in attrs.items())
+    headers.extend((f"ce_{name}", attribute_text(value).encode()) for name, value in attrs.items())
     return KafkaRecord(
         key=event.partition_key.encode(), value=event.data_json_bytes(), headers=headers
     )

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
 
+from ..kafka_binding import attribute_text
+
 STRUCTURED = "application/cloudevents+json"
 REQUIRED = ("specversion", "id", "source", "type")
 _JSON_TYPES = ("application/json", "text/json")
@@ -70,12 +72,6 @@ def _validate(attrs: Mapping[str, Any]) -> None:
         raise NotACloudEvent(f"unsupported specversion {attrs['specversion']!r}")
 
 
-def _attr_str(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 # --- HTTP ------------------------------------------------------------------
 
 # HTTP binding 3.1.3.2: percent-encode space, double quote, percent and anything
@@ -124,7 +120,7 @@ def from_structured_json(body: bytes) -> Event:
         raise NotACloudEvent(f"structured body is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise NotACloudEvent("structured body must be a JSON object")
-    attrs = {k: _attr_str(v) for k, v in doc.items() if k not in ("data", "data_base64")}
+    attrs = {k: attribute_text(v) for k, v in doc.items() if k not in ("data", "data_base64")}
     _validate(attrs)
     data: bytes | None = None
     if "data_base64" in doc:
