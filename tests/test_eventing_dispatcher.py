@@ -8,14 +8,16 @@ metadata refresh, would have kept the empty assignment for five minutes).
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
-from kafka import KafkaAdminClient, TopicPartition
+import pytest
+from kafka import KafkaAdminClient, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from openg2p_audit.eventing import dispatcher as dispatcher_module
-from openg2p_audit.eventing.delivery import Egress
+from openg2p_audit.eventing.delivery import Egress, Outcome
 from openg2p_audit.eventing.dispatcher import KafkaDispatcher
 from openg2p_audit.eventing.kafkasink import ensure_topic
 from openg2p_audit.eventing.manifests import Delivery
@@ -151,3 +153,68 @@ def test_the_first_assignment_is_not_followed_by_a_rebalance(settings):
         finally:
             dispatcher.stop()
         assert assignments == [_expected(topic)], f"round {round_}: {assignments}"
+
+
+class _SlowSubscriber(Egress):
+    """Answers 2xx after a pause and remembers the order of what it got."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.got: list[bytes] = []
+        self.lock = threading.Lock()
+
+    def deliver(self, event):
+        time.sleep(0.02)
+        with self.lock:
+            self.got.append(event)
+        return Outcome(str(event), delivered=True)
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_records_fetched_before_a_rebalance_that_gives_the_partition_back_are_delivered(
+    settings, ordered
+):
+    """A rebalance revokes everything; when the member gets the same partition back,
+    kafka-python keeps its fetch position, so the records it had fetched but not yet
+    delivered must be fetched again from the committed offset, not skipped."""
+    boot = settings.bootstrap_servers
+    topic = f"{settings.kafka_events_topic}.giveback.{uuid.uuid4().hex[:6]}"
+    ensure_topic(boot, topic, 1)
+    sent = [f"r{i:03d}".encode() for i in range(60)]
+    producer = KafkaProducer(bootstrap_servers=boot)
+    for value in sent:
+        producer.send(topic, value, partition=0)
+    producer.flush()
+    producer.close()
+
+    egress = _SlowSubscriber(name="giveback", destination="http://127.0.0.1:9/",
+                             delivery=Delivery(), namespace="test")  # fmt: skip
+    dispatcher = KafkaDispatcher(
+        name=f"KafkaSource/giveback-{ordered}", bootstrap_servers=boot, group=f"{topic}.g",
+        topics=[topic], egress=egress, mapper=lambda record: record.value, ordered=ordered,
+        max_in_flight=10, commit_interval=0.5,
+    ).start()  # fmt: skip
+    try:
+        dispatcher.wait_assigned(ASSIGN_WITHIN)
+        deadline = time.monotonic() + 20
+        while len(egress.got) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # What any member joining or leaving the group does to this one.
+        dispatcher._control.put(lambda: dispatcher._consumer._coordinator.request_rejoin())
+        deadline = time.monotonic() + 30
+        while set(egress.got) != set(sent) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dispatcher.commit_now()
+        assert len(dispatcher.stats.assignments) >= 2, dispatcher.stats.assignments
+    finally:
+        dispatcher.stop()
+    assert sorted(set(sent) - set(egress.got)) == []
+    admin = KafkaAdminClient(bootstrap_servers=boot)
+    try:
+        committed = admin.list_group_offsets(f"{topic}.g")[f"{topic}.g"]
+    finally:
+        admin.close()
+    assert committed[TopicPartition(topic, 0)].offset == len(sent)
+    if ordered:  # redelivery goes back, never forward past a record not yet delivered
+        firsts = [egress.got.index(v) for v in sent]
+        assert firsts == sorted(firsts)

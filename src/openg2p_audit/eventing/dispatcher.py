@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -106,14 +106,20 @@ def _describe(tps: set[TopicPartition]) -> str:
     return ", ".join(f"{t} {sorted(p)}" for t, p in sorted(by_topic.items())) or "none"
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):
+    """kafka-python 3 calls the listener on its IO thread while the consumer thread waits
+    in poll(); a blocking consumer call there fails, so the commit on revoke is awaited."""
+
     def __init__(self, owner: KafkaDispatcher):
         self.owner = owner
 
-    def on_partitions_revoked(self, revoked):
-        self.owner._on_revoked(set(revoked))
+    async def on_partitions_revoked(self, revoked):
+        await self.owner._on_revoked(set(revoked), commit=True)
 
-    def on_partitions_assigned(self, assigned):
+    async def on_partitions_lost(self, lost):
+        await self.owner._on_revoked(set(lost), commit=False)  # no longer ours to commit
+
+    async def on_partitions_assigned(self, assigned):
         self.owner._on_assigned(set(assigned))
 
 
@@ -163,6 +169,7 @@ class KafkaDispatcher:
         self._queues_lock = threading.Lock()
         self._last_poll = time.monotonic()
         self._revoked_gen: dict[TopicPartition, int] = {}
+        self._resume_at: dict[TopicPartition, int] = {}  # the group's offset at the last revoke
         self._in_flight = 0
         self._consumer: KafkaConsumer | None = None
         self._thread: threading.Thread | None = None
@@ -446,25 +453,43 @@ class KafkaDispatcher:
         self.stats.commits += 1
         log.debug("%s: committed %s", self.name, offsets)
 
-    # Rebalance callbacks run inside poll(), on the consumer thread.
+    # Rebalance callbacks: run by kafka-python's IO thread while the consumer thread is in poll().
 
-    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def _on_revoked(self, revoked: set[TopicPartition], commit: bool) -> None:
         self._drain_done()
-        try:
-            self._commit(only=revoked)
-        except Exception as exc:  # noqa: BLE001 - the next owner will redeliver
-            log.warning("%s: commit on revoke failed: %s", self.name, exc)
+        offsets = {}
         for tp in revoked:
-            self._trackers.pop(tp, None)
+            tracker = self._trackers.pop(tp, None)
+            if tracker is None:
+                continue
+            self._resume_at[tp] = tracker.committed
+            if commit and tracker.to_commit() > tracker.committed:
+                offsets[tp] = tracker.to_commit()
             with self._queues_lock:
                 self._revoked_gen[tp] = self._revoked_gen.get(tp, 0) + 1
                 dropped = self._queues.pop(tp, None) or ()
-            self._in_flight -= len(dropped)  # the next owner delivers these
+            self._in_flight -= len(dropped)  # fetched again, by whoever owns the partition next
+        if offsets and self._consumer is not None:
+            try:
+                await self._consumer.commit_async(
+                    {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
+                )
+            except Exception as exc:  # noqa: BLE001 - the next owner redelivers from the last commit
+                log.warning("%s: commit on revoke failed: %s", self.name, exc)
+            else:
+                self._resume_at.update(offsets)
+                self.stats.commits += 1
         self._assigned -= revoked
         if revoked:
             log.info("%s: partitions revoked: %s", self.name, _describe(revoked))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """A partition given back keeps kafka-python's fetch position, which is past the
+        records dropped on revoke: go back to the group's offset so none is skipped."""
+        resume, self._resume_at = self._resume_at, {}
+        for tp in assigned & resume.keys():
+            self._consumer.seek(tp, resume[tp])
+            self._trackers[tp] = OffsetTracker(resume[tp])
         self._assigned = set(assigned)
         self.stats.assignments.append(set(assigned))
         del self.stats.assignments[:-20]
