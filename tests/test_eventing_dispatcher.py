@@ -8,7 +8,7 @@ metadata refresh, would have kept the empty assignment for five minutes).
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 import uuid
 
@@ -161,12 +161,10 @@ class _SlowSubscriber(Egress):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.got: list[bytes] = []
-        self.lock = threading.Lock()
 
-    def deliver(self, event):
-        time.sleep(0.02)
-        with self.lock:
-            self.got.append(event)
+    async def deliver(self, session, event):
+        await asyncio.sleep(0.02)
+        self.got.append(event)
         return Outcome(str(event), delivered=True)
 
 

@@ -159,7 +159,7 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
             ensure_topics(live)
             runner = Runner(
                 manifests, live, workdir=workdir / "runner", port=args.port,
-                commit_interval=args.commit_interval,
+                commit_interval=args.commit_interval, max_in_flight=args.max_in_flight,
             )  # fmt: skip
             try:
                 runner.start()
@@ -283,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--commit-interval", type=float, default=5.0, help="seconds between offset commits"
     )
+    up.add_argument(
+        "--max-in-flight", type=int, default=50, metavar="N",
+        help="deliveries in flight per unordered KafkaSource (Knative's max.poll.records, 50)",
+    )  # fmt: skip
     up.set_defaults(func=_cmd_dev_up)
 
     query = sub.add_parser("query", help="print recent audit rows (DATABASE_URL / DB_*)")

@@ -23,12 +23,14 @@ behaviour.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
-import urllib3
+import aiohttp
 
 from .binding import Event, to_http_binary, to_http_structured
 from .manifests import Delivery
@@ -76,21 +78,31 @@ class Outcome:
         return self.delivered or self.dead_lettered or self.dropped or self.filtered
 
 
-_POOL = urllib3.PoolManager(num_pools=32, maxsize=64, retries=False)
+def new_session(connections: int = 100) -> aiohttp.ClientSession:
+    """A keep-alive client on the running loop, as the dispatcher's Vert.x WebClient pools."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Content-Type"),
+    )
 
 
-def post(url: str, event: Event, *, timeout: float, namespace: str, structured: bool) -> Response:
+async def post(
+    session: aiohttp.ClientSession, url: str, event: Event, *, timeout: float, namespace: str,
+    structured: bool,
+) -> Response:  # fmt: skip
     headers, body = to_http_structured(event) if structured else to_http_binary(event)
     headers["Prefer"] = "reply"
     headers["Kn-Namespace"] = namespace
     try:
-        resp = _POOL.request(
-            "POST", url, body=body, headers=headers, timeout=urllib3.Timeout(total=timeout),
-            redirect=False,
-        )  # fmt: skip
-    except urllib3.exceptions.HTTPError as exc:
+        async with session.post(
+            url, data=body, headers=headers, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:  # fmt: skip
+            data = await resp.read()
+            return Response(resp.status, data or b"", dict(resp.headers.items()))
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         return Response(None, error=f"{type(exc).__name__}: {exc}")
-    return Response(resp.status, resp.data or b"", dict(resp.headers.items()))
 
 
 def error_extensions(destination: str, response: Response) -> dict[str, str]:
@@ -112,7 +124,12 @@ class Aborted(Exception):
 
 @dataclass
 class Egress:
-    """One subscriber (and its dead-letter sink) with one delivery policy."""
+    """One subscriber (and its dead-letter sink) with one delivery policy.
+
+    Deliveries are coroutines on the dispatcher's event loop, sharing one
+    keep-alive `session`; `deliver_now` runs one from any thread (a ping, a
+    redelivery) on a loop and session of its own.
+    """
 
     name: str  # for logs: "KafkaSource/audit-events-to-writer"
     destination: str
@@ -122,14 +139,27 @@ class Egress:
     on_dead_letter_failure: str = "retry"  # retry | commit
     stopping: threading.Event = field(default_factory=threading.Event)
 
-    def _send(self, url: str, event: Event, outcome: Outcome) -> Response:
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, but wake within 50 ms when the runner stops; True if it is stopping."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(left, 0.05))
+        return True
+
+    async def _send(
+        self, session: aiohttp.ClientSession, url: str, event: Event, outcome: Outcome
+    ) -> Response:
         timeout = self.delivery.timeout or DEFAULT_TIMEOUT
         structured = self.delivery.format == "structured"
         retry = 0
         while True:
-            resp = post(
-                url, event, timeout=timeout, namespace=self.namespace, structured=structured
-            )
+            resp = await post(
+                session, url, event, timeout=timeout, namespace=self.namespace,
+                structured=structured,
+            )  # fmt: skip
             outcome.attempts += 1
             if resp.ok:
                 return resp
@@ -143,16 +173,25 @@ class Egress:
                 self.name, url, resp.status or resp.error, event.id, retry,
                 self.delivery.retry, wait,
             )  # fmt: skip
-            if self.stopping.wait(wait):
+            if await self._pause(wait):
                 raise Aborted
 
-    def deliver(self, event: Event) -> Outcome:
+    def deliver_now(self, event: Event) -> Outcome:
+        """`deliver` from a thread without an event loop."""
+
+        async def once() -> Outcome:
+            async with new_session(4) as session:
+                return await self.deliver(session, event)
+
+        return asyncio.run(once())
+
+    async def deliver(self, session: aiohttp.ClientSession, event: Event) -> Outcome:
         """Deliver (retrying, dead-lettering) until settled or the runner stops."""
         outcome = Outcome(event.id)
         round_ = 0
         while True:
             try:
-                return self._deliver_once(event, outcome)
+                return await self._deliver_once(session, event, outcome)
             except Aborted:
                 outcome.aborted = True
                 return outcome
@@ -164,12 +203,14 @@ class Egress:
                     "trying again in %.1fs",
                     self.name, event.id, pause,
                 )  # fmt: skip
-                if self.stopping.wait(pause):
+                if await self._pause(pause):
                     outcome.aborted = True
                     return outcome
 
-    def _deliver_once(self, event: Event, outcome: Outcome) -> Outcome:
-        resp = self._send(self.destination, event, outcome)
+    async def _deliver_once(
+        self, session: aiohttp.ClientSession, event: Event, outcome: Outcome
+    ) -> Outcome:
+        resp = await self._send(session, self.destination, event, outcome)
         outcome.status = resp.status
         outcome.error = resp.error
         if resp.ok:
@@ -189,7 +230,7 @@ class Egress:
                 return outcome
             raise _DeadLetterFailed
         failed = event.with_extensions(error_extensions(self.destination, resp))
-        dls = self._send(self.dead_letter, failed, outcome)
+        dls = await self._send(session, self.dead_letter, failed, outcome)
         outcome.dead_letter_status = dls.status
         if dls.ok:
             outcome.dead_lettered = True

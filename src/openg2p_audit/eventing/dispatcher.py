@@ -17,7 +17,9 @@ eventing-kafka-broker (`OrderedConsumerVerticle`, `UnorderedConsumerVerticle`,
   revoked and when the dispatcher stops (Knative: every 5 s by default).
 
 kafka-python's consumer is not thread-safe: one thread owns it and polls;
-deliveries run on worker threads and report back through a queue. Backpressure
+deliveries are coroutines on an event loop of their own, sharing one keep-alive
+HTTP session (as Knative's Vert.x dispatcher shares its WebClient), and report
+back through a queue. Backpressure
 is applied by polling no more than the backlog allows, not with
 pause()/resume(): kafka-python 3.0.12 can leave a resumed partition's parked
 fetch unreturned forever, which silently stalls the partition. While the
@@ -35,6 +37,7 @@ show up, the changed metadata makes it rejoin and the leader assigns them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue
@@ -42,17 +45,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from .binding import Event
-from .delivery import Egress, Outcome
+from .delivery import Egress, Outcome, new_session
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,6 @@ class KafkaDispatcher:
         commit_interval: float = 5.0,
         max_in_flight: int = 50,
         max_buffered: int = 500,
-        partition_workers: int = 64,
     ):
         self.name = name
         self.bootstrap_servers = bootstrap_servers
@@ -157,10 +159,11 @@ class KafkaDispatcher:
         # ordered: records fetched but not settled, all partitions (Kafka's max.poll.records)
         self.max_backlog = max_buffered if ordered else max_in_flight
         self.stats = DispatcherStats()
-        self._workers = ThreadPoolExecutor(
-            max_workers=partition_workers if ordered else max_in_flight,
-            thread_name_prefix=f"dispatch-{name.rsplit('/', 1)[-1]}",
-        )
+        # Deliveries run as coroutines on one event loop thread, over one keep-alive session.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._done: queue.Queue[tuple[TopicPartition, int | None, Outcome | None]] = queue.Queue()
         self._control: queue.Queue[Callable[[], None]] = queue.Queue()
         self._trackers: dict[TopicPartition, OffsetTracker] = {}
@@ -184,6 +187,7 @@ class KafkaDispatcher:
     def start(self, timeout: float = 60.0) -> KafkaDispatcher:
         if self.initial_offset == "latest":
             self._init_offsets_to_latest()
+        self._start_loop()
         self._thread = threading.Thread(target=self._run, name=f"consumer-{self.name}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -213,7 +217,7 @@ class KafkaDispatcher:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        self._workers.shutdown(wait=False, cancel_futures=True)
+        self._stop_loop()
 
     @property
     def running(self) -> bool:
@@ -368,9 +372,9 @@ class KafkaDispatcher:
         self._trackers.setdefault(tp, OffsetTracker(records[0].offset))
         self.stats.received += len(records)
         self._in_flight += len(records)
+        assert self._loop is not None
         if not self.ordered:
-            for record in records:
-                self._workers.submit(self._deliver_one, tp, record)
+            self._loop.call_soon_threadsafe(self._spawn_each, tp, records)
             return
         with self._queues_lock:
             backlog = self._queues.get(tp)
@@ -379,9 +383,59 @@ class KafkaDispatcher:
                 backlog = self._queues[tp] = deque()
             backlog.extend(records)
         if start_worker:
-            self._workers.submit(self._drain_partition, tp, self._revoked_gen.get(tp, 0))
+            gen = self._revoked_gen.get(tp, 0)
+            self._loop.call_soon_threadsafe(self._spawn, self._drain_partition(tp, gen))
 
-    def _drain_partition(self, tp: TopicPartition, gen: int) -> None:
+    # --- the delivery loop ---------------------------------------------------
+
+    def _start_loop(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=loop.run_forever, name=f"deliver-{self.name}", daemon=True
+        )
+        self._loop_thread.start()
+
+        async def open_session() -> None:
+            self._session = new_session(max(self.max_in_flight, self.max_backlog))
+
+        asyncio.run_coroutine_threadsafe(open_session(), loop).result(10)
+
+    def _stop_loop(self) -> None:
+        """Cancel what is still in flight (unsettled: redelivered), close the session."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+
+        async def close() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._session is not None:
+                await self._session.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._loop_thread is not None:
+            self._loop_thread.join(10)
+        loop.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: delivery task failed", self.name, exc_info=task.exception())
+
+    def _spawn_each(self, tp: TopicPartition, records: list[Any]) -> None:
+        """Unordered: every record of a poll in flight at once (the poll is already bounded)."""
+        for record in records:
+            self._spawn(self._deliver_one(tp, record))
+
+    async def _drain_partition(self, tp: TopicPartition, gen: int) -> None:
         """Ordered: deliver one partition's backlog, one record at a time, until it is empty."""
         while True:
             with self._queues_lock:
@@ -394,12 +448,12 @@ class KafkaDispatcher:
             if self.egress.stopping.is_set():
                 self._done.put((tp, record.offset, None))
                 continue
-            self._done.put((tp, record.offset, self._deliver(record)))
+            self._done.put((tp, record.offset, await self._deliver(record)))
 
-    def _deliver_one(self, tp: TopicPartition, record: Any) -> None:
-        self._done.put((tp, record.offset, self._deliver(record)))
+    async def _deliver_one(self, tp: TopicPartition, record: Any) -> None:
+        self._done.put((tp, record.offset, await self._deliver(record)))
 
-    def _deliver(self, record: Any) -> Outcome:
+    async def _deliver(self, record: Any) -> Outcome:
         try:
             event = self.mapper(record)
         except Exception as exc:  # noqa: BLE001 - Knative discards records it cannot map
@@ -408,7 +462,8 @@ class KafkaDispatcher:
             return Outcome(f"{record.topic}-{record.partition}@{record.offset}", dropped=True)
         if self.event_filter is not None and not self.event_filter(event):
             return Outcome(event.id, filtered=True)
-        return self.egress.deliver(event)
+        assert self._session is not None
+        return await self.egress.deliver(self._session, event)
 
     def _drain_done(self, block: float | None = None) -> None:
         while True:
@@ -497,6 +552,12 @@ class KafkaDispatcher:
 
     # --- operator actions ------------------------------------------------------
 
+    def _deliver_from_thread(self, record: Any) -> Outcome:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            raise RuntimeError(f"{self.name}: not running")
+        return asyncio.run_coroutine_threadsafe(self._deliver(record), loop).result()
+
     def rewind(self, topic: str, partition: int, offset: int, timeout: float = 10.0) -> None:
         """Move this member back to `offset` (as after a crash before commit); the records
         from there on are delivered again and the commit follows them."""
@@ -545,7 +606,7 @@ class KafkaDispatcher:
                 for record in consumer.poll(timeout_ms=200).get(tp, []):
                     if record.offset >= stop_at:
                         break
-                    outcomes.append(self._deliver(record))
+                    outcomes.append(self._deliver_from_thread(record))
         finally:
             consumer.close(autocommit=False)
         return outcomes

@@ -63,7 +63,7 @@ class PingScheduler:
         return croniter(self.source.schedule, base).get_next(datetime)
 
     def fire(self) -> Outcome:
-        outcome = self.egress.deliver(ping_event(self.source))
+        outcome = self.egress.deliver_now(ping_event(self.source))
         self.fired.append(outcome)
         del self.fired[:-100]
         return outcome

@@ -73,12 +73,14 @@ class Runner:
         on_dead_letter_failure: str = "retry",
         schedule_pings: bool = True,
         service_ports: dict[str, int] | None = None,
+        max_in_flight: int = 50,
     ):
         self.manifests: Manifests = load(manifest_dir)
         self.settings = settings
         self.workdir = Path(workdir)
         self.repo_root = Path(repo_root) if repo_root else REPO_ROOT
         self.commit_interval = commit_interval
+        self.max_in_flight = max_in_flight  # unordered sources: Knative's max.poll.records
         self.on_dead_letter_failure = on_dead_letter_failure
         self.schedule_pings = schedule_pings
         self._service_ports = dict(service_ports or {})
@@ -206,6 +208,7 @@ class Runner:
             dead_letter=self.resolve(dls, f"{source.key} deadLetterSink") if dls else None,
             on_dead_letter_failure=self.on_dead_letter_failure,
             commit_interval=self.commit_interval,
+            max_in_flight=self.max_in_flight,
         )
         self.sources[name] = dispatcher.start()
         log.info("%s: %s %s -> %s (group %s, %s, retry %d, backoff %s %.3fs)",
