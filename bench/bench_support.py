@@ -45,15 +45,18 @@ def service_envs(manifest_dir: Path, settings: Settings, database_url: str) -> d
 # ----------------------------------------------------------------------------- the runner
 
 
-def _runner_main(manifest_dir: Path, settings: Settings, workdir: Path, conn: Any) -> None:
+def _runner_main(
+    manifest_dir: Path, settings: Settings, workdir: Path, conn: Any, max_in_flight: int
+) -> None:
     logging.basicConfig(
         level=logging.WARNING,
         filename=str(workdir / "runner.log"),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     runner = Runner(
-        manifest_dir, settings, workdir=workdir, schedule_pings=False, commit_interval=0.5
-    )
+        manifest_dir, settings, workdir=workdir, schedule_pings=False, commit_interval=0.5,
+        max_in_flight=max_in_flight,
+    )  # fmt: skip
     try:
         runner.start()
         runner.wait_ready(90)
@@ -78,11 +81,15 @@ def _runner_main(manifest_dir: Path, settings: Settings, workdir: Path, conn: An
 class RunnerProcess:
     """The Runner with knative/base, in a child process; `info` has the service URLs and pids."""
 
-    def __init__(self, manifest_dir: Path, settings: Settings, workdir: Path):
+    def __init__(
+        self, manifest_dir: Path, settings: Settings, workdir: Path, max_in_flight: int = 50
+    ):
         ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_runner_main, args=(manifest_dir, settings, workdir, child), daemon=False
+            target=_runner_main,
+            args=(manifest_dir, settings, workdir, child, max_in_flight),
+            daemon=False,
         )
         self.info: dict[str, Any] = {}
         self.final: dict[str, Any] = {}

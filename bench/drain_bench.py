@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +38,15 @@ from kafka import KafkaAdminClient, KafkaProducer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_support import REPO, RunnerProcess, cpu_of, machine, machine_busy, tree_cpu
+from bench_support import (
+    REPO,
+    RunnerProcess,
+    cpu_of,
+    descendants,
+    machine,
+    machine_busy,
+    tree_cpu,
+)
 from openg2p_audit.contract import AuditEvent
 from openg2p_audit.devservices import LocalKafka, LocalPostgres
 from openg2p_audit.kafka_binding import encode
@@ -46,6 +56,7 @@ from openg2p_audit.topics import ensure_topics
 from pipeline_support import module_manifests  # the tests' copy of knative/base
 
 WRITER = "audit-writer"
+PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")  # [bench] extra
 CONTROL_ENV = {"FUNCTION_TARGET": "trivial", "FUNCTION_SOURCE": "bench/trivial_function.py"}
 
 
@@ -102,7 +113,27 @@ def _rows(conn) -> int:
     return conn.run("SELECT count(*) FROM audit_events")[0][0]
 
 
-def phase(name: str, base: Settings, workdir: Path, n: int, control: bool, pids: dict) -> dict:
+def _profile(procs: dict[str, tuple[int, bool]], directory: Path | None, tag: str) -> list:
+    """py-spy on the runner and the writer's worker for the drain window (collapsed stacks)."""
+    if directory is None:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for name in ("runner", "writer"):
+        pid, tree = procs[name]
+        target = descendants(pid)[-1] if tree else pid  # gunicorn's worker, not its arbiter
+        out = directory / f"{tag}-{name}.txt"
+        spies.append(subprocess.Popen(
+            [PY_SPY, "record", "-r", "200", "-f", "raw", "-o", str(out), "-p", str(target)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+    return spies
+
+
+def phase(
+    name: str, base: Settings, workdir: Path, n: int, control: bool, pids: dict,
+    profile: Path | None = None, max_in_flight: int = 50,
+) -> dict:  # fmt: skip
     tag = uuid.uuid4().hex[:8]
     settings = base.model_copy(
         update={
@@ -120,7 +151,7 @@ def phase(name: str, base: Settings, workdir: Path, n: int, control: bool, pids:
     before = _rows(conn)
     progress = (lambda: _committed(settings)) if control else (lambda: _rows(conn) - before)
     (workdir / name).mkdir()
-    runner = RunnerProcess(manifests, settings, workdir / name).start()
+    runner = RunnerProcess(manifests, settings, workdir / name, max_in_flight).start()
     try:
         procs = {
             "runner": (runner.pid, False),
@@ -131,9 +162,13 @@ def phase(name: str, base: Settings, workdir: Path, n: int, control: bool, pids:
         while (done0 := progress()) == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
         t0, cpu0, busy0 = time.monotonic(), _cpu(procs), machine_busy()
+        spies = _profile(procs, profile, name)
         while (done := progress()) < n and time.monotonic() < deadline:
             time.sleep(0.1 if control else 0.05)
         t1, cpu1, busy1 = time.monotonic(), _cpu(procs), machine_busy()
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
     finally:
         runner.stop()
         conn.close()
@@ -143,6 +178,7 @@ def phase(name: str, base: Settings, workdir: Path, n: int, control: bool, pids:
     return {
         "phase": name,
         "events": n,
+        "max_in_flight": max_in_flight,
         "filled_in_s": round(filled_in, 2),
         "measured_events": counted,
         "complete": done >= n,
@@ -163,6 +199,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--no-control", action="store_true", help="skip the do-nothing phase")
+    ap.add_argument("--max-in-flight", type=int, default=50, help="as dev up --max-in-flight")
+    ap.add_argument("--profile", type=Path, help="py-spy the runner and writer into this dir")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="drain-bench-"))
     base = load_settings()
@@ -185,10 +223,25 @@ def main() -> int:
             updates["database_url"] = pg.create_database("openg2p_audit")
             pids["postgres"] = (pg.proc.pid, True)
         base = base.model_copy(update=updates | {"db_host": None})
-        result["phases"] = [phase("writer", base, workdir, args.events, False, pids)]
+        result["phases"] = [
+            phase(
+                "writer", base, workdir, args.events, False, pids, args.profile, args.max_in_flight
+            )
+        ]
         print(json.dumps(result["phases"][-1]), flush=True)
         if not args.no_control:
-            result["phases"].append(phase("control", base, workdir, args.events, True, pids))
+            result["phases"].append(
+                phase(
+                    "control",
+                    base,
+                    workdir,
+                    args.events,
+                    True,
+                    pids,
+                    args.profile,
+                    args.max_in_flight,
+                )
+            )
             print(json.dumps(result["phases"][-1]), flush=True)
     finally:
         if kafka is not None:
