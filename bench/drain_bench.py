@@ -114,7 +114,8 @@ def _rows(conn) -> int:
 
 
 def _profile(procs: dict[str, tuple[int, bool]], directory: Path | None, tag: str) -> list:
-    """py-spy on the runner and the writer's worker for the drain window (collapsed stacks)."""
+    """py-spy on the runner and the writer's worker for the drain window: collapsed stacks of
+    the thread holding the GIL, i.e. where the Python CPU goes."""
     if directory is None:
         return []
     directory.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def _profile(procs: dict[str, tuple[int, bool]], directory: Path | None, tag: st
         target = descendants(pid)[-1] if tree else pid  # gunicorn's worker, not its arbiter
         out = directory / f"{tag}-{name}.txt"
         spies.append(subprocess.Popen(
-            [PY_SPY, "record", "-r", "200", "-f", "raw", "-o", str(out), "-p", str(target)],
+            [PY_SPY, "record", "--gil", "-r", "200", "-f", "raw", "-o", str(out), "-p", str(target)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))  # fmt: skip
     return spies

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 600.0  # seconds: the dispatcher's DEFAULT_TIMEOUT_MS
 ERROR_DATA_MAX_BYTES = 1024
 ERROR_HEADER_PREFIX = "kne-"
+LOG_PER_SECOND = 20
 
 
 def is_retryable(status: int) -> bool:
@@ -78,28 +79,29 @@ class Outcome:
         return self.delivered or self.dead_lettered or self.dropped or self.filtered
 
 
-def new_session(connections: int = 100) -> aiohttp.ClientSession:
-    """A keep-alive client on the running loop, as the dispatcher's Vert.x WebClient pools."""
+def new_session(connections: int = 100, timeout: float = DEFAULT_TIMEOUT) -> aiohttp.ClientSession:
+    """A keep-alive client on the running loop, as the dispatcher's Vert.x WebClient pools.
+
+    The attempt timeout is the session's, so no request builds one of its own."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
+        timeout=aiohttp.ClientTimeout(total=timeout),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Content-Type"),
     )
 
 
 async def post(
-    session: aiohttp.ClientSession, url: str, event: Event, *, timeout: float, namespace: str,
-    structured: bool,
-) -> Response:  # fmt: skip
+    session: aiohttp.ClientSession, url: str, event: Event, *, namespace: str, structured: bool
+) -> Response:
     headers, body = to_http_structured(event) if structured else to_http_binary(event)
     headers["Prefer"] = "reply"
     headers["Kn-Namespace"] = namespace
     try:
-        async with session.post(
-            url, data=body, headers=headers, allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as resp:  # fmt: skip
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
             data = await resp.read()
+            if 200 <= resp.status < 300:  # headers matter only to a dead letter's extensions
+                return Response(resp.status, data)
             return Response(resp.status, data or b"", dict(resp.headers.items()))
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         return Response(None, error=f"{type(exc).__name__}: {exc}")
@@ -138,6 +140,9 @@ class Egress:
     dead_letter: str | None = None
     on_dead_letter_failure: str = "retry"  # retry | commit
     stopping: threading.Event = field(default_factory=threading.Event)
+    _log_second: int = field(default=0, repr=False)
+    _log_count: int = field(default=0, repr=False)
+    _log_skipped: int = field(default=0, repr=False)
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep, but wake within 50 ms when the runner stops; True if it is stopping."""
@@ -152,14 +157,10 @@ class Egress:
     async def _send(
         self, session: aiohttp.ClientSession, url: str, event: Event, outcome: Outcome
     ) -> Response:
-        timeout = self.delivery.timeout or DEFAULT_TIMEOUT
         structured = self.delivery.format == "structured"
         retry = 0
         while True:
-            resp = await post(
-                session, url, event, timeout=timeout, namespace=self.namespace,
-                structured=structured,
-            )  # fmt: skip
+            resp = await post(session, url, event, namespace=self.namespace, structured=structured)
             outcome.attempts += 1
             if resp.ok:
                 return resp
@@ -176,11 +177,30 @@ class Egress:
             if await self._pause(wait):
                 raise Aborted
 
+    def new_session(self, connections: int) -> aiohttp.ClientSession:
+        return new_session(connections, self.delivery.timeout or DEFAULT_TIMEOUT)
+
+    def _log_delivered(self, event: Event, status: int | None) -> None:
+        """One line per delivery for a person watching `dev up`, at most LOG_PER_SECOND a
+        second; beyond that a count, so a drain at thousands a second is not a log flood."""
+        now = int(time.monotonic())
+        if now != self._log_second:
+            if self._log_skipped:
+                log.info("%s: %d more events delivered to %s in the last second",
+                         self.name, self._log_skipped, self.destination)  # fmt: skip
+            self._log_second, self._log_count, self._log_skipped = now, 0, 0
+        if self._log_count >= LOG_PER_SECOND:
+            self._log_skipped += 1
+            return
+        self._log_count += 1
+        log.info("%s: event %s (%s) -> %s answered %s",
+                 self.name, event.id, event.type, self.destination, status)  # fmt: skip
+
     def deliver_now(self, event: Event) -> Outcome:
         """`deliver` from a thread without an event loop."""
 
         async def once() -> Outcome:
-            async with new_session(4) as session:
+            async with self.new_session(4) as session:
                 return await self.deliver(session, event)
 
         return asyncio.run(once())
@@ -215,10 +235,8 @@ class Egress:
         outcome.error = resp.error
         if resp.ok:
             outcome.delivered = True
-            log.info(
-                "%s: event %s (%s) -> %s answered %s",
-                self.name, event.id, event.type, self.destination, resp.status,
-            )  # fmt: skip
+            if log.isEnabledFor(logging.INFO):
+                self._log_delivered(event, resp.status)
             return outcome
         if self.dead_letter is None:
             log.error(

@@ -55,7 +55,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from .binding import Event
-from .delivery import Egress, Outcome, new_session
+from .delivery import Egress, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ class KafkaDispatcher:
         self._loop_thread.start()
 
         async def open_session() -> None:
-            self._session = new_session(max(self.max_in_flight, self.max_backlog))
+            self._session = self.egress.new_session(max(self.max_in_flight, self.max_backlog))
 
         asyncio.run_coroutine_threadsafe(open_session(), loop).result(10)
 
