@@ -431,7 +431,7 @@ _GET_ROUTES = {"/healthz": _healthz, "/readyz": _readyz, "/metrics": _metrics}
 
 async def ingest(request: Request) -> Response:
     """functions-framework aio HTTP target (`--target ingest`, served with `--asgi`)."""
-    path = request.url.path.rstrip("/") or "/"
+    path = request.scope["path"].rstrip("/") or "/"  # request.url would parse the whole URL
     reader = _POST_ROUTES.get(path)
     if reader is not None:
         if request.method != "POST":

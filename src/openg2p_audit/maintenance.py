@@ -596,7 +596,7 @@ async def maintain(request: Request) -> Response:
     blocks on PostgreSQL and Kafka, so it goes to a thread; the answer (200
     with the summary, or 500 so the PingSource retries) comes once it is done.
     """
-    path = request.url.path.rstrip("/") or "/"
+    path = request.scope["path"].rstrip("/") or "/"  # request.url would parse the whole URL
     if request.method in ("GET", "HEAD"):
         if path == "/metrics":
             return metrics_response()

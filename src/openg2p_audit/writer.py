@@ -430,7 +430,7 @@ async def _ensure_started(c: GroupCommitter) -> Response | None:
 async def write(request: Request) -> Response:
     """functions-framework aio HTTP target (served with `--asgi`): every path lands here."""
     c = committer()
-    path = request.url.path.rstrip("/") or "/"
+    path = request.scope["path"].rstrip("/") or "/"  # request.url would parse the whole URL
     if request.method == "GET":
         if path == "/healthz":
             ok = c.alive()
