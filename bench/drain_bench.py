@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,7 +126,8 @@ def _profile(procs: dict[str, tuple[int, bool]], directory: Path | None, tag: st
         target = descendants(pid)[-1] if tree else pid  # gunicorn's worker, not its arbiter
         out = directory / f"{tag}-{name}.txt"
         spies.append(subprocess.Popen(
-            [PY_SPY, "record", "--gil", "-r", "200", "-f", "raw", "-o", str(out), "-p", str(target)],
+            [PY_SPY, "record", "--gil", "-r", "200", "-f", "raw", "-o", str(out), "-p",
+             str(target)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))  # fmt: skip
     return spies
@@ -170,6 +172,7 @@ def phase(
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
+        commits = {} if control else _commit_metrics(runner.info["services"][WRITER])
     finally:
         runner.stop()
         conn.close()
@@ -188,6 +191,26 @@ def phase(
         "cpu_cores": {k: round(v / elapsed, 2) for k, v in cpu.items()},
         "cpu_us_per_event": {k: round(v / counted * 1e6) for k, v in cpu.items() if counted},
         "machine_busy": round((busy1[0] - busy0[0]) / (busy1[1] - busy0[1]), 2),
+        "writer_commits": commits,
+    }
+
+
+def _commit_metrics(writer_url: str) -> dict[str, float]:
+    """Group commits over the whole phase, from the writer's /metrics (all workers)."""
+    text = urllib.request.urlopen(f"{writer_url}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("audit_writer_batch_size_sum", "audit_writer_batch_size_count",
+                    "audit_writer_commit_seconds_sum"):  # fmt: skip
+            values[name] = float(value)
+    count = values.get("audit_writer_batch_size_count") or 0
+    if not count:
+        return {}
+    return {
+        "commits": int(count),
+        "mean_batch": round(values["audit_writer_batch_size_sum"] / count, 1),
+        "mean_commit_ms": round(values["audit_writer_commit_seconds_sum"] / count * 1000, 2),
     }
 
 
