@@ -51,6 +51,7 @@ class LocalIssuer:
         self.key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = f"local-{uuid.uuid4().hex[:12]}"
         self._server: ThreadingHTTPServer | None = None
+        self.jwks_requests = 0  # how often the JWKS was fetched (tests count refreshes)
 
     # -- keys --------------------------------------------------------------
 
@@ -58,6 +59,11 @@ class LocalIssuer:
         jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
         jwk.update({"kid": self.kid, "use": "sig", "alg": "RS256"})
         return {"keys": [jwk]}
+
+    def rotate(self) -> None:
+        """A new key under a new key id, as an issuer's key rotation does."""
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = f"local-{uuid.uuid4().hex[:12]}"
 
     def public_pem(self) -> bytes:
         return self.key.public_key().public_bytes(
@@ -132,6 +138,7 @@ class LocalIssuer:
         """The issuer's GET endpoints under its URL: the JWKS and a discovery document."""
         sub = path.split("?", 1)[0].removeprefix("/issuer")
         if sub == JWKS_PATH:
+            self.jwks_requests += 1
             return 200, json.dumps(self.jwks()).encode()
         if sub == "/.well-known/openid-configuration":
             doc = {"issuer": self.url, "jwks_uri": self.jwks_url}
