@@ -309,7 +309,7 @@ async def _api(request: Request, path: str) -> Response:
 def _endpoint(path: str) -> str | None:
     if path in ("/v1/audit/events", "/v1/audit/export"):
         return path.rsplit("/", 1)[1]
-    if path.startswith("/v1/audit/events/") and path.count("/") == 4 and len(path) > 17:
+    if path.startswith("/v1/audit/events/") and len(path) > len("/v1/audit/events/"):
         return "event"
     return None
 
