@@ -550,3 +550,37 @@ def test_the_role_statements_are_idempotent(settings, reader):
         assert grants == [["SELECT"]]
     finally:
         conn.close()
+
+
+def test_abandoned_exports_give_their_connections_back(base, issuer, settings):
+    """A client that hangs up mid-export leaves no open transaction or connection behind."""
+    import http.client
+
+    headers = auth(issuer, "audit.read", "audit.export")
+    path = url_with(base, "/v1/audit/export", full_range()).removeprefix(base)
+    host, port = base.removeprefix("http://").split(":")
+    for _ in range(8):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        resp.read(10)  # then hang up with the rest unread
+        conn.close()
+    reply = get(base, "/v1/audit/export", full_range(), headers)
+    assert reply.status == 200 and len(reply.body.decode().splitlines()) == EXPORT_CAP
+    deadline = time.monotonic() + 10
+    while True:
+        owner = pg8000.native.Connection(**settings.pg_connect_kwargs)
+        try:
+            sessions = owner.run(
+                "SELECT state FROM pg_stat_activity WHERE application_name = 'openg2p-audit-query'"
+                " AND datname = current_database()"
+            )
+        finally:
+            owner.close()
+        states = [s[0] for s in sessions]
+        if "idle in transaction" not in states or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "idle in transaction" not in states
+    assert len(states) <= 4  # the pool's size: nothing leaked

@@ -27,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -205,48 +206,85 @@ async def get_event(principal: Principal, event_id: str, request: Request) -> li
     return events
 
 
-def _begin_export(conn, filters: reads.Filters, cap: int) -> int:
-    conn.run("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-    return reads.count_rows(conn, filters, cap + 1)
+class _Export:
+    """One export's connection and snapshot, used from worker threads one call at a time.
+
+    The response streams from the event loop, but a client that goes away cancels
+    the stream while a batch may still be running in its thread. So the end of the
+    export (COMMIT, the connection back to the pool) takes the same lock, waiting
+    for that batch, in a thread of its own: a cancelled task cannot be relied on to
+    await anything more.
+    """
+
+    def __init__(self, filters: reads.Filters, fmt: str, cap: int):
+        self.filters, self.fmt, self.cap = filters, fmt, cap
+        self._holder = database().connection()
+        self._lock = threading.Lock()
+        self._conn = None
+        self._chunks: Iterator[bytes] | None = None
+        self._open = False
+
+    def begin(self) -> int:
+        """Open the snapshot and count the rows (one past the cap, to know it truncates)."""
+        with self._lock:
+            self._conn = self._holder.__enter__()
+            self._open = True
+            try:
+                self._conn.run("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                return reads.count_rows(self._conn, self.filters, self.cap + 1)
+            except BaseException as exc:
+                self._open = False
+                self._holder.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+
+    def next_chunk(self) -> bytes | None:
+        with self._lock:
+            if not self._open:
+                return None
+            if self._chunks is None:
+                self._chunks = reads.export_chunks(self._conn, self.filters, self.fmt, self.cap)
+            return next(self._chunks, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+            try:
+                self._conn.run("COMMIT")
+            except Exception as exc:  # noqa: BLE001 - the pool decides what to do with it
+                self._holder.__exit__(type(exc), exc, exc.__traceback__)
+                return
+            self._holder.__exit__(None, None, None)
+
+    def close_soon(self) -> None:
+        threading.Thread(target=self.close, name="export-close", daemon=True).start()
 
 
 async def export(principal: Principal, request: Request) -> Response:
     filters, fmt = reads.parse_export(list(request.query_params.multi_items()), SETTINGS)
     cap = SETTINGS.query_export_max_rows
-    holder = database().connection()
+    job = _Export(filters, fmt, cap)
     try:
-        conn = await asyncio.to_thread(holder.__enter__)
+        matched = await asyncio.to_thread(job.begin)
     except (DatabaseError, InterfaceError, OSError) as exc:
-        raise ReadFailed("database_unavailable", "the database did not answer") from exc
-    try:
-        matched = await asyncio.to_thread(_begin_export, conn, filters, cap)
-    except (DatabaseError, InterfaceError, OSError) as exc:
-        await asyncio.to_thread(holder.__exit__, type(exc), exc, exc.__traceback__)
         raise ReadFailed("database_unavailable", "the database did not answer") from exc
     rows, truncated = min(matched, cap), matched > cap
-    context = {
-        "filters": filters.as_params(),
-        "format": fmt,
-        "rows": rows,
-        "truncated": truncated,
-    }
+    context = {"filters": filters.as_params(), "format": fmt, "rows": rows,
+               "truncated": truncated}  # fmt: skip
     try:
         await audit_read(read_event(EXPORTED, principal, context, request))
-    except ReadFailed:
-        await asyncio.to_thread(_end_export, holder, conn)
+    except BaseException:
+        job.close_soon()
         raise
-    chunks = reads.export_chunks(conn, filters, fmt, cap)
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            while True:
-                chunk = await asyncio.to_thread(next, chunks, None)
-                if chunk is None:
-                    break
+            while (chunk := await asyncio.to_thread(job.next_chunk)) is not None:
                 yield chunk
         finally:
-            await asyncio.to_thread(_end_export, holder, conn)
-            ROWS.labels("export").inc(rows)
+            job.close_soon()
+        ROWS.labels("export").inc(rows)
 
     media = "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -256,15 +294,6 @@ async def export(principal: Principal, request: Request) -> Response:
         "X-Audit-Export-Truncated": "true" if truncated else "false",
     }
     return StreamingResponse(body(), 200, headers, media_type=media)
-
-
-def _end_export(holder, conn) -> None:
-    try:
-        conn.run("COMMIT")
-    except Exception as exc:  # noqa: BLE001 - the connection goes with the context manager
-        holder.__exit__(type(exc), exc, exc.__traceback__)
-        return
-    holder.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- the function
