@@ -176,3 +176,38 @@ def test_token_comes_only_from_dev_ups_local_issuer(tmp_path, monkeypatch, capsy
     assert main(["token"]) == 2  # never for an issuer other than a local one
     LocalIssuer.forget_state()
     assert not (tmp_path / "dev-issuer.json").exists()
+
+
+def test_dev_up_gives_the_query_service_its_read_only_role(settings):
+    """What `dev up` does before starting the runner: the role the query manifest names."""
+    from openg2p_audit import query
+    from openg2p_audit.cli import _query_role
+    from openg2p_audit.settings import load_settings
+    from pipeline_support import BASE
+
+    env = _query_role(settings, BASE)
+    assert set(env) == {"audit-query"}
+    url = env["audit-query"]["DATABASE_URL"]
+    assert url.startswith("postgresql://audit_query:")
+    conn = query.connect(load_settings(database_url=url))
+    try:
+        assert query.can_write(conn) is False
+        assert conn.run("SELECT count(*) FROM audit_events")[0][0] >= 0
+    finally:
+        conn.close()
+
+
+def test_query_settings_are_checked_at_start():
+    from openg2p_audit.settings import SettingsError, load_settings
+
+    assert load_settings().query_max_range_days == 93
+    for bad in (
+        {"query_cursor_secret": "too-short"},
+        {"query_max_range_days": 0},
+        {"query_export_max_rows": 0},
+        {"auth_issuer": "keycloak/realms/x"},
+        {"auth_jwks_url": "ftp://x/certs"},
+        {"auth_leeway_seconds": 3600},
+    ):
+        with pytest.raises(SettingsError):
+            load_settings(**bad)
