@@ -75,6 +75,7 @@ def browser():
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(_binary("chromedriver")))
     driver.set_page_load_timeout(30)
+    driver.implicitly_wait(3)  # a loaded CI box may render after the click returns
     yield driver
     driver.quit()
 
