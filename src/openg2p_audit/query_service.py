@@ -279,10 +279,15 @@ async def export(principal: Principal, request: Request) -> Response:
         raise
 
     async def body() -> AsyncIterator[bytes]:
+        # The next batch is fetched while this one is sent: PostgreSQL and the driver work
+        # while the socket drains. At most two batches are held, however long the export.
+        pending = asyncio.ensure_future(asyncio.to_thread(job.next_chunk))
         try:
-            while (chunk := await asyncio.to_thread(job.next_chunk)) is not None:
+            while (chunk := await pending) is not None:
+                pending = asyncio.ensure_future(asyncio.to_thread(job.next_chunk))
                 yield chunk
         finally:
+            pending.cancel()
             job.close_soon()
         ROWS.labels("export").inc(rows)
 
