@@ -15,9 +15,10 @@ measures the p50 and p99 of one 100-row page for:
 - a type prefix (`org.openg2p.<family>.*`) over one week;
 - the first page of everything in that range, and the page 50 cursors deep;
 
-and the export rate (rows/s, JSON lines and CSV) of one month's rows. What is
-not measured: HTTP, token checks and the audit event each read emits (one
-Kafka round trip, ~2-5 ms here: see the ingest figures in docs/benchmarks.md).
+and the export rate (rows/s, JSON lines and CSV) of one month's rows. With
+`--http` the same cases run again through the served function (functions-framework
+`--asgi`, a local token issuer, a local Kafka broker unless KAFKA_BOOTSTRAP_SERVERS):
+HTTP, the token check and the audit event each read emits are then included.
 
 Starts its own PostgreSQL unless DATABASE_URL / DB_HOST point at one; the
 seeded database is dropped at the end unless --keep. Prints a Markdown table
@@ -149,7 +150,10 @@ def measure(samples: int, make: Callable[[], Callable[[], object]]) -> dict:
     }
 
 
-def run(settings: Settings, args: argparse.Namespace) -> dict:
+CURSOR_SECRET = "b" * 40  # shared with the served function, so cursors work on both paths
+
+
+def run(settings: Settings, args: argparse.Namespace, tmp: Path) -> dict:
     owner = pg8000.native.Connection(**settings.pg_connect_kwargs)
     role = f"audit_query_bench_{uuid.uuid4().hex[:6]}"
     try:
@@ -165,62 +169,56 @@ def run(settings: Settings, args: argparse.Namespace) -> dict:
         update={
             "database_url": f"postgresql://{role}:bench@{kw['host']}:{kw['port']}/{kw['database']}",
             "db_host": None,
+            "query_cursor_secret": CURSOR_SECRET,
         }
     )
     conn = query.connect(reader, "openg2p-audit-query-bench")
-    codec = query.CursorCodec("b" * 40)
+    codec = query.CursorCodec(CURSOR_SECRET)
     rng = random.Random(7)
-    wide_to = end
-    wide_from = end - timedelta(days=reader.query_max_range_days)
+    wide = [("from", _ts(end - timedelta(days=reader.query_max_range_days))), ("to", _ts(end))]
 
-    def page(params: dict[str, str], after=None) -> Callable[[], object]:
-        items = [("from", _ts(wide_from)), ("to", _ts(wide_to)), *params.items()]
-        request = query.parse_page(items, reader, codec)
-        if after is not None:
-            request = query.PageRequest(request.filters, request.limit, after)
-        return lambda: query.fetch_page(conn, request, codec)
+    def week_prefix() -> list[tuple[str, str]]:
+        lo = end - timedelta(days=reader.query_max_range_days)
+        room = (end - lo - timedelta(days=7)).total_seconds()
+        start = lo + timedelta(seconds=rng.random() * room)
+        return [("from", _ts(start)), ("to", _ts(start + timedelta(days=7))),
+                ("type", f"org.openg2p.{rng.choice(FAMILIES)}.*")]  # fmt: skip
 
-    def deep_page() -> Callable[[], object]:
-        items = [("from", _ts(wide_from)), ("to", _ts(wide_to)), ("limit", "100")]
-        request = query.parse_page(items, reader, codec)
-        for _ in range(50):
-            nxt = query.fetch_page(conn, request, codec).next_cursor
-            request = query.PageRequest(request.filters, 100, codec.decode(nxt, request.filters))
-        return lambda: query.fetch_page(conn, request, codec)
+    # 50 cursors deep, found once on the in-process path; the same cursor is valid when served.
+    request = query.parse_page([*wide, ("limit", "100")], reader, codec)
+    for _ in range(50):
+        cursor = query.fetch_page(conn, request, codec).next_cursor
+        request = query.PageRequest(request.filters, 100, codec.decode(cursor, request.filters))
+    deep = [*wide, ("cursor", cursor)]
 
-    def week_prefix() -> Callable[[], object]:
-        start = wide_from + timedelta(seconds=rng.random() * (wide_to - wide_from).total_seconds())
-        start = min(start, wide_to - timedelta(days=7))
-        items = [("from", _ts(start)), ("to", _ts(start + timedelta(days=7))),
-                 ("type", f"org.openg2p.{rng.choice(FAMILIES)}.*"), ("limit", "100")]  # fmt: skip
-        request = query.parse_page(items, reader, codec)
-        return lambda: query.fetch_page(conn, request, codec)
-
-    cases: dict[str, Callable[[], Callable[[], object]]] = {
-        "actor timeline": lambda: page({"actor_id": rng.choice(picks["actors"])}),
-        "resource timeline": lambda: page(
-            {
-                "resource_type": "beneficiary",
-                "resource_id": f"BEN-{rng.randrange(BENEFICIARIES):06d}",
-            }
-        ),
-        "trace lookup": lambda: page({"trace_id": rng.choice(picks["traces"])}),
+    cases: dict[str, Callable[[], list[tuple[str, str]]]] = {
+        "actor timeline": lambda: [*wide, ("actor_id", rng.choice(picks["actors"]))],
+        "resource timeline": lambda: [
+            *wide,
+            ("resource_type", "beneficiary"),
+            ("resource_id", f"BEN-{rng.randrange(BENEFICIARIES):06d}"),
+        ],
+        "trace lookup": lambda: [*wide, ("trace_id", rng.choice(picks["traces"]))],
         "type prefix, one week": week_prefix,
-        "first page": lambda: page({}),
+        "first page": lambda: list(wide),
+        "page 50 cursors deep": lambda: list(deep),
     }
-    results: dict[str, dict] = {}
-    for name, make in cases.items():
-        make()()  # warm the cache once
-        results[name] = measure(args.samples, make)
-    deep = deep_page()
-    results["page 50 cursors deep"] = measure(args.samples, lambda: deep)
-
-    exports = {}
     month_start = datetime(*store.month_of(end - timedelta(days=40)).timetuple()[:3], tzinfo=UTC)
     month_end = datetime(*store.add_months(store.month_of(month_start), 1).timetuple()[:3],
                          tzinfo=UTC)  # fmt: skip
-    items = [("from", _ts(month_start)), ("to", _ts(month_end))]
-    filters = query.parse_export(items, reader)[0]
+    export_range = [("from", _ts(month_start)), ("to", _ts(month_end))]
+
+    def in_process(items: list[tuple[str, str]]) -> Callable[[], object]:
+        page_request = query.parse_page([*items, ("limit", "100")], reader, codec)
+        return lambda: query.fetch_page(conn, page_request, codec)
+
+    report: dict = {"rows": args.rows, "months": args.months, "seed_seconds": round(seeded_s, 1)}
+    report["pages"] = {
+        name: _measure_cases(args.samples, lambda make=make: in_process(make()))
+        for name, make in cases.items()
+    }
+    exports = {}
+    filters = query.parse_export(export_range, reader)[0]
     for fmt in ("jsonl", "csv"):
         conn.run("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         started = time.perf_counter()
@@ -230,14 +228,78 @@ def run(settings: Settings, args: argparse.Namespace) -> dict:
         conn.run("COMMIT")
         exports[fmt] = {"rows": count, "bytes": size, "seconds": round(elapsed, 3),
                         "rows_per_s": round(count / elapsed)}  # fmt: skip
+    report["export"] = exports
     conn.close()
-    return {
-        "rows": args.rows,
-        "months": args.months,
-        "seed_seconds": round(seeded_s, 1),
-        "pages": results,
-        "export": exports,
-    }
+    if args.http:
+        report["http"] = _over_http(reader, cases, export_range, args, tmp)
+    return report
+
+
+def _measure_cases(samples: int, make: Callable[[], Callable[[], object]]) -> dict:
+    make()()  # warm the cache once
+    return measure(samples, make)
+
+
+def _over_http(reader: Settings, cases, export_range, args, tmp: Path) -> dict:
+    """The same cases through the served function: HTTP, token check and the audit event."""
+    from urllib.parse import urlencode
+
+    import urllib3
+
+    from openg2p_audit.devservices import LocalFunction, LocalKafka
+    from openg2p_audit.devservices.issuer import LocalIssuer
+    from openg2p_audit.topics import ensure_topics
+
+    kafka = None
+    if not reader.kafka_configured:
+        kafka = LocalKafka(tmp / "kafka").start()
+    issuer = LocalIssuer().serve()
+    settings = reader.model_copy(
+        update={
+            "kafka_bootstrap_servers": kafka.bootstrap if kafka else reader.kafka_bootstrap_servers,
+            "kafka_events_topic": f"bench.query.{uuid.uuid4().hex[:6]}",
+            "kafka_topic_partitions": 3,
+            "auth_issuer": issuer.url,
+            "auth_jwks_url": issuer.jwks_url,
+            "query_export_max_rows": 100_000_000,
+        }
+    )
+    ensure_topics(settings)
+    fn = LocalFunction("query", "query", settings, tmp / "function").start()
+    http = urllib3.PoolManager(maxsize=1)
+    headers = {"Authorization": f"Bearer {issuer.mint('bench', ('audit.read', 'audit.export'))}"}
+    try:
+
+        def served(items: list[tuple[str, str]]) -> Callable[[], object]:
+            url = f"{fn.url}/v1/audit/events?{urlencode([*items, ('limit', '100')])}"
+
+            def get() -> None:
+                resp = http.request("GET", url, headers=headers)
+                if resp.status != 200:
+                    raise RuntimeError(f"{resp.status}: {resp.data[:200]!r}")
+
+            return get
+
+        out: dict = {"pages": {}}
+        for name, make in cases.items():
+            out["pages"][name] = _measure_cases(args.samples, lambda make=make: served(make()))
+        out["export"] = {}
+        for fmt in ("jsonl", "csv"):
+            url = f"{fn.url}/v1/audit/export?{urlencode([*export_range, ('format', fmt)])}"
+            started = time.perf_counter()
+            resp = http.request("GET", url, headers=headers, preload_content=False)
+            size = sum(len(chunk) for chunk in resp.stream(1 << 20))
+            elapsed = time.perf_counter() - started
+            rows = int(resp.headers["X-Audit-Export-Rows"])
+            resp.release_conn()
+            out["export"][fmt] = {"rows": rows, "bytes": size, "seconds": round(elapsed, 3),
+                                  "rows_per_s": round(rows / elapsed)}  # fmt: skip
+        return out
+    finally:
+        fn.stop()
+        issuer.stop()
+        if kafka is not None:
+            kafka.stop()
 
 
 def main() -> int:
@@ -246,6 +308,11 @@ def main() -> int:
     parser.add_argument("--months", type=int, default=12)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--keep", action="store_true", help="keep the seeded database")
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="also through the served function (starts Kafka unless KAFKA_BOOTSTRAP_SERVERS)",
+    )
     args = parser.parse_args()
     settings = load_settings()
     server = None
@@ -266,7 +333,7 @@ def main() -> int:
             admin_url = settings.database_url
             settings = settings.model_copy(update={"database_url": url, "db_host": None})
         try:
-            report = run(settings, args)
+            report = run(settings, args, Path(tmp))
         finally:
             if server is not None:
                 server.stop()
@@ -288,6 +355,14 @@ def main() -> int:
     print("\n| Export (one month) | rows | rows/s |\n| --- | ---: | ---: |")
     for fmt, r in report["export"].items():
         print(f"| {fmt} | {r['rows']:,} | {r['rows_per_s']:,} |")
+    if "http" in report:
+        print("\nThrough HTTP (token check and the read's audit event included):\n")
+        print("| Query | p50 ms | p99 ms |\n| --- | ---: | ---: |")
+        for name, r in report["http"]["pages"].items():
+            print(f"| {name} | {r['p50_ms']} | {r['p99_ms']} |")
+        print("\n| Export over HTTP | rows | rows/s |\n| --- | ---: | ---: |")
+        for fmt, r in report["http"]["export"].items():
+            print(f"| {fmt} | {r['rows']:,} | {r['rows_per_s']:,} |")
     print(f"\n{out.relative_to(ROOT)}")
     return 0
 

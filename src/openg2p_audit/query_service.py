@@ -61,6 +61,10 @@ if SETTINGS.query_cursor_secret is None:
         "QUERY_CURSOR_SECRET is not set: cursors are signed with a key of this process only"
     )
 
+# Reads come one at a time, not in bursts that could share a batch: the audit event is
+# sent at once instead of lingering for company (ingest's linger setting is for ingest).
+AUDIT_PRODUCER_SETTINGS = SETTINGS.model_copy(update={"ingest_linger_ms": 0})
+
 READ_ROLE = "audit.read"
 EXPORT_ROLE = "audit.export"
 SOURCE = "/openg2p/audit/query"
@@ -172,7 +176,7 @@ def read_event(
 async def audit_read(event: AuditEvent) -> None:
     """Return once Kafka holds the event; ReadFailed otherwise."""
     try:
-        await producer_for(SETTINGS).publish([encode(event)], time.monotonic())
+        await producer_for(AUDIT_PRODUCER_SETTINGS).publish([encode(event)], time.monotonic())
     except Unavailable as exc:
         log.warning("read not audited, answering 503: %s", exc, extra={"cause": exc.cause})
         raise ReadFailed(
@@ -357,7 +361,7 @@ async def _readyz() -> Response:
         read_only = await in_database(check)
     except ReadFailed as exc:
         return json_response(503, {"ready": False, "detail": str(exc)})
-    ok, detail = await asyncio.to_thread(producer_for(SETTINGS).ready)
+    ok, detail = await asyncio.to_thread(producer_for(AUDIT_PRODUCER_SETTINGS).ready)
     return json_response(
         200 if ok else 503, {"ready": ok, "detail": detail, "read_only_role": read_only}
     )
