@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import query as reads
-from .auth import AuthError, Principal, TokenVerifier, bearer_token, refusal
+from .auth import AuthError, Principal, TokenVerifier, authenticate, refusal
 from .contract import AuditEvent
 from .kafka_binding import encode
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
@@ -309,19 +309,7 @@ async def export(principal: Principal, request: Request) -> Response:
 
 
 async def authorize(request: Request, *roles: str, token: str | None = None) -> Principal:
-    if token is None:
-        token = bearer_token(request.headers.get("authorization"))
-    try:
-        return await asyncio.to_thread(VERIFIER.authorize, token, *roles)
-    except AuthError as exc:
-        log.info(
-            "refused %s %s: %s",
-            request.method,
-            request.url.path,
-            exc.reason,
-            extra={"status": exc.status},
-        )
-        raise
+    return await authenticate(VERIFIER, request, *roles, token=token)
 
 
 async def _api(request: Request, path: str) -> Response:
