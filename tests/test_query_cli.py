@@ -211,3 +211,11 @@ def test_query_settings_are_checked_at_start():
     ):
         with pytest.raises(SettingsError):
             load_settings(**bad)
+
+
+def test_a_type_prefix_is_literal_text_not_a_like_pattern(env, capsys):
+    for prefix in ("org_openg2p.*", "org%*", "%*", "org.openg2p.registry.beneficiary.view_d*"):
+        assert main(["query", *_range_args(), "--type", prefix, "--all"]) == 0
+        assert _jsonl(capsys.readouterr().out) == [], prefix
+    assert main(["query", *_range_args(), "--type", "org.openg2p.*", "--all"]) == 0
+    assert len(_jsonl(capsys.readouterr().out)) == len(ROWS)
