@@ -16,6 +16,7 @@ import json
 import time
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pg8000.native
 import pytest
@@ -584,3 +585,59 @@ def test_abandoned_exports_give_their_connections_back(base, issuer, settings):
         time.sleep(0.2)
     assert "idle in transaction" not in states
     assert len(states) <= 4  # the pool's size: nothing leaked
+
+
+# ------------------------------------------------------------------ the published API
+
+
+def _openapi():
+    import yaml
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "query.openapi.yaml")
+                         .read_text())  # fmt: skip
+    registry = Registry().with_resource(
+        "urn:query-openapi", Resource.from_contents(doc, default_specification=DRAFT202012)
+    )
+
+    def validator(name: str) -> Draft202012Validator:
+        ref = {"$ref": f"urn:query-openapi#/components/schemas/{name}"}
+        return Draft202012Validator(ref, registry=registry)
+
+    return doc, validator
+
+
+def test_the_openapi_document_lists_exactly_the_parameters_taken():
+    doc, _ = _openapi()
+
+    def names(path: str) -> set[str]:
+        out = set()
+        for p in doc["paths"][path]["get"]["parameters"]:
+            if "$ref" in p:
+                p = doc["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]]
+            out.add(p["name"])
+        return out
+
+    assert names("/v1/audit/events") == set(query.PAGE_PARAMS)
+    assert names("/v1/audit/export") == set(query.EXPORT_PARAMS)
+    event = doc["components"]["schemas"]["Event"]
+    assert list(event["required"]) == list(query.EVENT_COLUMNS)
+
+
+def test_real_answers_match_the_openapi_document(base, issuer, no_kafka):
+    _, schema = _openapi()
+    page = get(base, "/v1/audit/events", {**full_range(), "limit": "1000"}, auth(issuer))
+    schema("Page").validate(page.json)
+    one = get(base, f"/v1/audit/events/{ROWS[0].id}", headers=auth(issuer))
+    schema("Events").validate(one.json)
+    export = get(base, "/v1/audit/export", full_range(), auth(issuer, "audit.read", "audit.export"))
+    for line in export.body.decode().splitlines():
+        schema("Event").validate(json.loads(line))
+    schema("BadParameter").validate(get(base, "/v1/audit/events", {}, auth(issuer)).json)
+    schema("Error").validate(get(base, "/v1/audit/events", full_range()).json)
+    schema("Error").validate(get(base, "/v1/audit/events", full_range(), auth(issuer, "x")).json)
+    down = get(no_kafka.url, "/v1/audit/events", full_range(), auth(issuer))
+    assert down.status == 503
+    schema("Unavailable").validate(down.json)

@@ -239,7 +239,11 @@ def refusal(exc: AuthError) -> Response:
         }
         headers: dict[str, str] = {}
     elif exc.status == 503:
-        body = {"error": "unavailable", "message": "tokens cannot be checked right now"}
+        body = {
+            "error": "unavailable",
+            "cause": "issuer_unavailable",
+            "message": "tokens cannot be checked right now",
+        }
         headers = {"Retry-After": "5"}
     else:
         body = {"error": "unauthorized", "message": "a valid bearer token is required"}
