@@ -227,3 +227,12 @@ def test_every_refusal_answers_the_same_few_words(service, issuer):
     }
     log = service.log_text()
     assert "refused GET /v1/audit/events" in log  # the reason is for the operator's log only
+
+
+def test_the_query_service_will_not_start_without_an_issuer(settings, tmp_path):
+    """No configured issuer means no way to check a token: refuse to serve at all."""
+    unconfigured = settings.model_copy(update={"auth_issuer": None, "auth_jwks_url": None})
+    fn = LocalFunction("query", "query", unconfigured, tmp_path)
+    with pytest.raises(RuntimeError, match="exited"):
+        fn.start(timeout=60)
+    assert "AUTH_ISSUER and AUTH_JWKS_URL are not set" in fn.log_text()

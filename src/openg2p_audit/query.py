@@ -457,7 +457,9 @@ def can_write(conn: pg8000.native.Connection) -> bool:
 class Database:
     """A few connections per process, reused across requests (each used by one thread)."""
 
-    def __init__(self, settings: Settings, size: int = 4):
+    # As many as the default thread pool runs at once on a small pod (min(32, CPUs + 4)),
+    # plus a couple for exports, which keep theirs between batches.
+    def __init__(self, settings: Settings, size: int = 8):
         self.settings = settings
         self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue(size)
         self.writable_role_reported = False
