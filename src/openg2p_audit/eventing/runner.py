@@ -28,7 +28,7 @@ import threading
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 from kafka import KafkaAdminClient
@@ -54,6 +54,9 @@ from .manifests import (
 from .pingsource import PingScheduler
 from .services import ServiceProcess, container_env
 
+if TYPE_CHECKING:
+    from ..devservices.issuer import LocalIssuer
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -74,7 +77,7 @@ class Runner:
         on_dead_letter_failure: str = "retry",
         schedule_pings: bool = True,
         service_ports: dict[str, int] | None = None,
-        issuer: Any = None,
+        issuer: LocalIssuer | None = None,
         service_env: dict[str, dict[str, str]] | None = None,
     ):
         self.manifests: Manifests = load(manifest_dir)
