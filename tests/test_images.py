@@ -157,3 +157,16 @@ def test_build_context_holds_only_what_the_image_needs():
     ]
     assert lines[0] == "*"
     assert {"!pyproject.toml", "!README.md", "!src/", "!functions/"} <= set(lines)
+
+
+def test_the_local_token_issuer_stays_out_of_the_images():
+    """Only the deployment's OIDC issuer may sign tokens a deployed function trusts."""
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    assert (REPO / "src/openg2p_audit/devservices/issuer.py").is_file()
+    assert "src/openg2p_audit/devservices/issuer.py" in lines
+    assert lines.index("src/openg2p_audit/devservices/issuer.py") > lines.index("!src/")
+    product = ["query_service.py", "query_ui.py", "query.py", "auth.py", "eventing/runner.py"]
+    for name in product:  # nothing shipped imports it at run time
+        text = (REPO / "src/openg2p_audit" / name).read_text()
+        imports = [line for line in text.splitlines() if "issuer import" in line]
+        assert all(line.startswith("    ") for line in imports), (name, imports)
