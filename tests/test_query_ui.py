@@ -200,3 +200,24 @@ def test_the_page_runs_no_script_and_cannot_be_framed(service, issuer):
     assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
     assert b"<script" not in reply.body
     assert request(service.url, "/ui", method="GET").status == 401
+
+
+def test_signing_in_checks_the_token_and_its_role(service, issuer):
+    from urllib.parse import urlencode
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    no_role = urlencode({"token": issuer.mint("nobody", ("offline_access",))})
+    reply = request(service.url, "/ui/token", no_role, form)
+    assert reply.status == 403 and b"does not grant the role audit.read" in reply.body
+    assert "set-cookie" not in reply.headers
+    good = urlencode({"token": issuer.mint("reader", ("audit.read",))})
+    reply = request(service.url, "/ui/token", good, form)
+    assert reply.status == 303 and reply.headers["location"] == "/ui"
+    cookie = reply.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+    assert "Path=/ui" in cookie
+    # The JSON API never takes the page's cookie: a page elsewhere cannot borrow it.
+    token = cookie.split(";", 1)[0]
+    api = request(service.url, "/v1/audit/events?" + urlencode(full_range()), method="GET",
+                  headers={"Cookie": token})  # fmt: skip
+    assert api.status == 401
