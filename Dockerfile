@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image per function, all from this file and the same pyproject.toml:
-#   docker build --target ingest .      (or writer, maintenance)
-# skaffold.yaml builds all three. Every dependency ships as a wheel, so neither
+#   docker build --target ingest .      (or writer, maintenance, query)
+# skaffold.yaml builds all four. Every dependency ships as a wheel, so neither
 # stage needs a compiler; the build stage exists so that pip, setuptools and the
 # source tree stay out of the images.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -50,3 +50,8 @@ FROM runtime AS maintenance
 ENV FUNCTION_TARGET=maintain \
     FUNCTION_SIGNATURE_TYPE=http \
     FUNCTION_SOURCE=functions/maintenance/main.py
+
+FROM runtime AS query
+ENV FUNCTION_TARGET=query \
+    FUNCTION_SIGNATURE_TYPE=http \
+    FUNCTION_SOURCE=functions/query/main.py

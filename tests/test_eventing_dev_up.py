@@ -6,7 +6,6 @@ stand-in ingest and writer functions with the same targets and signatures.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -127,19 +126,3 @@ def test_dev_up_prints_a_curl_that_lands_and_ctrl_c_stops_everything(topics, tmp
     for port in set(ports):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open after Ctrl-C"
-
-
-def test_query_prints_recent_rows_as_json(settings, pg, monkeypatch, capsys):
-    from openg2p_audit.cli import main
-
-    monkeypatch.setenv("DATABASE_URL", settings.database_url)
-    monkeypatch.delenv("DB_HOST", raising=False)
-    assert main(["query", "--table", "no_such_table"]) == 1
-    pg.run("CREATE TABLE IF NOT EXISTS q_events (id text, occurred_at timestamptz, action text)")
-    pg.run("INSERT INTO q_events VALUES ('a', '2026-01-01Z', 'old'), ('b', '2026-02-01Z', 'new')")
-    capsys.readouterr()
-    assert main(["query", "--table", "q_events", "--limit", "1"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and json.loads(out[0])["id"] == "b"  # newest first
-    assert main(["query", "--table", "q_events", "--id", "a"]) == 0
-    assert json.loads(capsys.readouterr().out)["action"] == "old"

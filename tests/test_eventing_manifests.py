@@ -46,7 +46,7 @@ def _edit(directory: Path, file: str, change) -> None:
 def test_base_manifests_load_as_the_contract_says():
     m = load(BASE)
     services = {s.name: s for s in m.of(KService)}
-    assert set(services) == {"audit-ingest", "audit-writer", "audit-maintenance"}
+    assert set(services) == {"audit-ingest", "audit-writer", "audit-maintenance", "audit-query"}
     assert services["audit-writer"].env_value("FUNCTION_TARGET") == "write"
     assert services["audit-maintenance"].env_value("FUNCTION_SIGNATURE_TYPE") == "http"
     [source] = m.of(KafkaSource)

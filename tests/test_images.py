@@ -20,6 +20,7 @@ import yaml
 from manifest_checks import DOCKERFILE, REPO, objects, stages, tool
 
 FUNCTION_VARS = ("FUNCTION_TARGET", "FUNCTION_SIGNATURE_TYPE", "FUNCTION_SOURCE")
+TARGETS = ("ingest", "writer", "maintenance", "query")
 
 
 def hadolint(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -75,9 +76,9 @@ def test_hadolint_really_lints():
 
 def test_one_target_per_function_on_a_shared_runtime():
     found = stages()
-    assert list(found) == ["build", "runtime", "ingest", "writer", "maintenance"]
-    assert set(skaffold_targets().values()) == {"ingest", "writer", "maintenance"}
-    for target in ("ingest", "writer", "maintenance"):
+    assert list(found) == ["build", "runtime", *TARGETS]
+    assert set(skaffold_targets().values()) == set(TARGETS)
+    for target in TARGETS:
         assert found[target]["from"] == "runtime"
 
 
@@ -109,7 +110,7 @@ def test_built_from_the_projects_pyproject():
     assert "pip uninstall --yes pip setuptools" in install
 
 
-@pytest.mark.parametrize("target", ["ingest", "writer", "maintenance"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_runs_as_a_numeric_non_root_user(target):
     users = [
         value
@@ -122,7 +123,7 @@ def test_runs_as_a_numeric_non_root_user(target):
     assert not gid or (gid.isdigit() and int(gid) > 0)
 
 
-@pytest.mark.parametrize("target", ["ingest", "writer", "maintenance"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_cmd_starts_functions_framework(target):
     cmds = [
         value
@@ -156,3 +157,16 @@ def test_build_context_holds_only_what_the_image_needs():
     ]
     assert lines[0] == "*"
     assert {"!pyproject.toml", "!README.md", "!src/", "!functions/"} <= set(lines)
+
+
+def test_the_local_token_issuer_stays_out_of_the_images():
+    """Only the deployment's OIDC issuer may sign tokens a deployed function trusts."""
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    assert (REPO / "src/openg2p_audit/devservices/issuer.py").is_file()
+    assert "src/openg2p_audit/devservices/issuer.py" in lines
+    assert lines.index("src/openg2p_audit/devservices/issuer.py") > lines.index("!src/")
+    product = ["query_service.py", "query_ui.py", "query.py", "auth.py", "eventing/runner.py"]
+    for name in product:  # nothing shipped imports it at run time
+        text = (REPO / "src/openg2p_audit" / name).read_text()
+        imports = [line for line in text.splitlines() if "issuer import" in line]
+        assert all(line.startswith("    ") for line in imports), (name, imports)

@@ -33,8 +33,15 @@ SERVICES = {
     "audit-ingest": ("ingest", "http", "functions/ingest/main.py"),
     "audit-writer": ("write", "http", "functions/writer/main.py"),
     "audit-maintenance": ("maintain", "http", "functions/maintenance/main.py"),
+    "audit-query": ("query", "http", "functions/query/main.py"),
 }
-DB_USERS = ("audit-writer", "audit-maintenance")
+# Knative Service -> the Secret its database password comes from.
+DB_USERS = {
+    "audit-writer": "audit-db",
+    "audit-maintenance": "audit-db",
+    "audit-query": "audit-query",
+}
+SECRETS = {"audit-db", "audit-query"}
 KAFKA_SINK_REF = {"apiVersion": "eventing.knative.dev/v1alpha1", "kind": "KafkaSink"}
 SERVICE_REF = {"apiVersion": "serving.knative.dev/v1", "kind": "Service"}
 
@@ -42,6 +49,7 @@ SERVICE_REF = {"apiVersion": "serving.knative.dev/v1", "kind": "Service"}
 NOT_IN_CONFIGMAP = {
     "DB_PASSWORD": "comes from the Secret audit-db",
     "DATABASE_URL": "would carry the password; the DB_* variables are used instead",
+    "QUERY_CURSOR_SECRET": "comes from the Secret audit-query",
 }
 
 KEDA = "autoscaling.eventing.knative.dev"
@@ -170,6 +178,8 @@ def test_base_lists_exactly_the_files_beside_it():
         "ingest.yaml",
         "writer.yaml",
         "maintenance.yaml",
+        "query.yaml",
+        "query-secret.yaml",
         "kafkasource.yaml",
         "dlq-sink.yaml",
         "pingsource.yaml",
@@ -179,12 +189,12 @@ def test_base_lists_exactly_the_files_beside_it():
 
 
 @pytest.mark.parametrize("path", (QUIET, PRODUCTION))
-def test_overlays_build_on_the_base_and_keep_every_object_but_the_secret(path):
+def test_overlays_build_on_the_base_and_keep_every_object_but_the_secrets(path):
     assert yaml.safe_load((KNATIVE / path / "kustomization.yaml").read_text())["resources"] == [
         "../../base"
     ]
     names = lambda p: {(o["kind"], o["metadata"]["name"]) for o in render(p)}  # noqa: E731
-    assert names(path) | {("Secret", "audit-db")} == names(BASE)
+    assert names(path) | {("Secret", s) for s in SECRETS} == names(BASE)
 
 
 # ---------------------------------------------------------------- services
@@ -224,20 +234,46 @@ def test_function_source_defines_the_target(name):
 
 
 @pytest.mark.parametrize("path", RENDERED)
-@pytest.mark.parametrize("name", DB_USERS)
+@pytest.mark.parametrize("name", sorted(DB_USERS))
 def test_database_password_comes_from_the_secret(path, name):
     env = _env(_container(one(path, "Service", name, SERVING)))
     assert env["DB_PASSWORD"] == {
         "name": "DB_PASSWORD",
-        "valueFrom": {"secretKeyRef": {"name": "audit-db", "key": "DB_PASSWORD"}},
+        "valueFrom": {"secretKeyRef": {"name": DB_USERS[name], "key": "DB_PASSWORD"}},
     }
-    secret = one(BASE, "Secret", "audit-db")
+    secret = one(BASE, "Secret", DB_USERS[name])
     assert "DB_PASSWORD" in secret["stringData"]
 
 
 def test_only_database_users_get_the_password():
     env = _env(_container(one(BASE, "Service", "audit-ingest", SERVING)))
     assert "DB_PASSWORD" not in env
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_query_service_reads_with_its_own_role_and_cursor_key(path):
+    """Not the writer's role: the query role holds SELECT only (README, 'The read-only role')."""
+    env = _env(_container(one(path, "Service", "audit-query", SERVING)))
+    assert env["DB_USER"]["value"] != _settings_env()["DB_USER"]
+    assert env["QUERY_CURSOR_SECRET"] == {
+        "name": "QUERY_CURSOR_SECRET",
+        "valueFrom": {"secretKeyRef": {"name": "audit-query", "key": "QUERY_CURSOR_SECRET"}},
+    }
+    for other in set(SERVICES) - {"audit-query"}:
+        other_env = _env(_container(one(path, "Service", other, SERVING)))
+        assert "QUERY_CURSOR_SECRET" not in other_env and "DB_USER" not in other_env
+
+
+def test_query_placeholder_secret_is_a_valid_setting():
+    secret = one(BASE, "Secret", "audit-query")["stringData"]
+    settings = load_settings(query_cursor_secret=secret["QUERY_CURSOR_SECRET"])
+    assert len(settings.query_cursor_secret) >= 32
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_query_exports_may_stream_for_minutes(path):
+    spec = one(path, "Service", "audit-query", SERVING)["spec"]["template"]["spec"]
+    assert 300 <= spec["timeoutSeconds"] <= 600  # Knative's default max-revision-timeout
 
 
 @pytest.mark.parametrize("path", RENDERED)
@@ -291,9 +327,10 @@ def test_production_keeps_ingest_warm():
     assert int(notes["autoscaling.knative.dev/min-scale"]) >= 1
 
 
-def test_production_does_not_deploy_the_placeholder_secret():
+def test_production_does_not_deploy_the_placeholder_secrets():
     assert objects(PRODUCTION, "Secret") == []
     assert one(QUIET, "Secret", "audit-db")["stringData"]["DB_PASSWORD"]
+    assert one(QUIET, "Secret", "audit-query")["stringData"]["DB_PASSWORD"]
 
 
 # ---------------------------------------------------------------- settings
@@ -311,7 +348,10 @@ def test_configmap_and_secret_are_valid_settings(monkeypatch):
     for key, value in _settings_env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DB_PASSWORD", one(BASE, "Secret", "audit-db")["stringData"]["DB_PASSWORD"])
+    query_secret = one(BASE, "Secret", "audit-query")["stringData"]
+    monkeypatch.setenv("QUERY_CURSOR_SECRET", query_secret["QUERY_CURSOR_SECRET"])
     settings = load_settings()
+    assert settings.auth_configured
     assert settings.kafka_configured and settings.database_configured
     assert settings.kafka_events_topic == "openg2p.audit.events"
     assert settings.kafka_dlq_topic == "openg2p.audit.dlq"
@@ -406,7 +446,7 @@ def test_every_reference_resolves_within_the_rendered_objects(path):
                     wanted.add(("Secret", ref["name"]))
     missing = wanted - present
     if path == PRODUCTION:
-        assert missing == {("Secret", "audit-db")}  # created out of band, by design
+        assert missing == {("Secret", s) for s in SECRETS}  # created out of band, by design
     else:
         assert missing == set()
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from .settings import load_settings
@@ -96,6 +96,18 @@ def _print_dev_up(runner, live, cli: str) -> None:
         print(f"    -d '{body}'")
     print("\nsee it arrive: the runner logs a line when the writer answers 2xx, and")
     print(f"  DATABASE_URL='{runner._database_url()}' {cli} query")
+    reader = _function_service(runner, "query")
+    if reader and runner.issuer is not None:
+        url = runner.service_url(reader)
+        now = datetime.now(UTC)
+        since = (now - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        until = (now + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        print(f"\nread it as an investigator ({reader}; tokens from the local issuer")
+        print(f"{runner.issuer.url}, which only this dev up trusts):")
+        print(f"  TOKEN=$({cli} token --role audit.read --role audit.export)")
+        print('  curl -H "Authorization: Bearer $TOKEN" \\')
+        print(f"    '{url}/v1/audit/events?from={since}&to={until}'")
+        print(f"  timeline page: {url}/ui   (paste the token once)")
     print("\nready. Ctrl-C stops everything.", flush=True)
 
 
@@ -130,8 +142,50 @@ def _as_the_manifests_say(settings, manifest_dir: Path):
     return load_settings(**chosen) if chosen else settings
 
 
+def _query_role(live, manifest_dir: Path) -> dict[str, dict[str, str]]:
+    """Give the query service its read-only role, as a deployment does (README).
+
+    The runner points every Service at the local database as its owner; the
+    query Service's manifest names a role of its own (DB_USER, DB_PASSWORD), so
+    that role is created here with SELECT on the table only and the Service
+    connects as it. Returns the runner's per-Service env.
+    """
+    from urllib.parse import quote
+
+    from . import query, store
+    from .eventing.manifests import KService, load
+    from .eventing.services import container_env
+
+    manifests = load(manifest_dir)
+    wanted: dict[str, dict[str, str]] = {}
+    for svc in manifests.of(KService):
+        if svc.env_value("FUNCTION_TARGET") != "query":
+            continue
+        env = container_env(svc, manifests)
+        role, password = env.get("DB_USER"), env.get("DB_PASSWORD")
+        if not role or role == live.pg_connect_kwargs["user"]:
+            continue
+        try:
+            conn = store.connect(live, application_name="openg2p-audit-dev-up")
+            try:
+                store.ensure_schema(conn, live.partitions_ahead_months)
+                query.ensure_reader_role(conn, role, password)
+            finally:
+                conn.close()
+        except Exception as exc:  # noqa: BLE001 - dev up goes on with the owner's role
+            log.warning("%s: cannot create its read-only role %s (%s); it reads as the "
+                        "table's owner", svc.key, role, exc)  # fmt: skip
+            continue
+        kw = live.pg_connect_kwargs
+        auth = quote(role, safe="") + (f":{quote(password, safe='')}" if password else "")
+        url = f"postgresql://{auth}@{kw['host']}:{kw['port']}/{kw['database']}"
+        wanted[svc.name] = {"DATABASE_URL": url}
+    return wanted
+
+
 def _cmd_dev_up(args: argparse.Namespace) -> int:
     from .devservices import local_services
+    from .devservices.issuer import LocalIssuer
     from .eventing.runner import REPO_ROOT, Runner
     from .topics import ensure_topics
 
@@ -157,19 +211,23 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
     try:
         with local_services(settings, workdir) as (live, _kafka, _pg):
             ensure_topics(live)
+            issuer = LocalIssuer(audience=live.auth_audience)
             runner = Runner(
                 manifests, live, workdir=workdir / "runner", port=args.port,
                 commit_interval=args.commit_interval, max_in_flight=args.max_in_flight,
+                issuer=issuer, service_env=_query_role(live, manifests),
             )  # fmt: skip
             try:
                 runner.start()
                 runner.wait_ready()
+                issuer.save_state()
                 _print_dev_up(runner, live, _this_command())
                 serving.set()
                 while not stop.wait(0.5):
                     pass
             finally:
                 print("stopping ...", flush=True)
+                LocalIssuer.forget_state()
                 runner.stop()
     except KeyboardInterrupt:
         pass
@@ -205,49 +263,120 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+# `openg2p-audit query` option -> the query service's parameter of the same meaning.
+_QUERY_OPTIONS = {
+    "from_": "from", "to": "to", "actor_id": "actor_id", "resource_type": "resource_type",
+    "resource_id": "resource_id", "type": "type", "outcome": "outcome", "source": "source",
+    "subject": "subject", "trace_id": "trace_id", "tenant": "tenant", "cursor": "cursor",
+}  # fmt: skip
+
+
+def _query_items(args: argparse.Namespace, settings) -> list[tuple[str, str]]:
+    """The command line as the service's request parameters, with the CLI's default range."""
+    to = args.to or (
+        datetime.now(UTC) + timedelta(seconds=settings.ingest_max_clock_skew_seconds)
+    ).strftime("%Y-%m-%dT%H:%M:%SZ")
+    items = []
+    for option, name in _QUERY_OPTIONS.items():
+        value = getattr(args, option)
+        if name == "to":
+            value = to
+        elif name == "from" and value is None:
+            from .query import parse_time
+
+            try:
+                start = parse_time("to", to) - timedelta(days=settings.query_max_range_days)
+            except ValueError:
+                start = datetime.now(UTC)  # `to` itself is reported as the bad one
+            value = start.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        if value is not None:
+            items.append((name, value))
+    items.append(("limit", str(args.limit or (1000 if args.all else 10))))
+    return items
+
+
 def _cmd_query(args: argparse.Namespace) -> int:
-    """Recent audit rows, newest first, as JSON lines: no psql needed."""
-    import pg8000.native
+    """Audit rows, newest first, as JSON lines or CSV: the query service's reads, for operators.
+
+    Same parameters, same validation and the same SQL as `audit-query`
+    (`openg2p_audit.query`), straight from the database on a read-only session.
+    """
+    import csv
+
+    from . import query
 
     settings = load_settings()
-    conn = pg8000.native.Connection(**settings.pg_connect_kwargs)
+    codec = query.CursorCodec(settings.query_cursor_secret)
+    conn = query.connect(settings, application_name="openg2p-audit-cli")
     try:
-        columns = [
-            r[0]
-            for r in conn.run(
-                "SELECT column_name FROM information_schema.columns WHERE table_name = :t "
-                "ORDER BY ordinal_position",
-                t=args.table,
-            )
-        ]
-        if not columns:
+        if not conn.run("SELECT to_regclass(:t) IS NOT NULL", t=query.TABLE)[0][0]:
             print(
-                f"no table {args.table} in {settings.database_dsn} yet "
+                f"no table {query.TABLE} in {settings.database_dsn} yet "
                 "(the writer creates it with its first event)",
                 file=sys.stderr,
             )
             return 1
-        table = pg8000.native.identifier(args.table)
-        order = next((c for c in _ORDER_COLUMNS if c in columns), None)
-        sql = f"SELECT * FROM {table}"
-        params: dict = {}
         if args.id:
-            sql += " WHERE id = :id"
-            params["id"] = args.id
-        if order:
-            sql += f" ORDER BY {pg8000.native.identifier(order)} DESC"
-        sql += " LIMIT :n"
-        rows = conn.run(sql, n=args.limit, **params)
-        names = [c["name"] for c in conn.columns]
-        for row in rows:
-            print(json.dumps(dict(zip(names, row, strict=True)), default=str, ensure_ascii=False))
-        print(f"({len(rows)} row(s) from {settings.database_dsn})", file=sys.stderr)
+            pages = iter([query.Page(query.fetch_event(conn, args.id), None)])
+        else:
+            try:
+                request = query.parse_page(_query_items(args, settings), settings, codec)
+            except query.BadParameter as exc:
+                option = "--" + exc.parameter.replace("_", "-")
+                print(f"error: {option}: {exc.message}", file=sys.stderr)
+                return 2
+            pages = _pages(conn, request, codec, follow=args.all)
+        writer = csv.writer(sys.stdout, lineterminator="\n") if args.format == "csv" else None
+        if writer is not None:
+            writer.writerow(query.CSV_COLUMNS)
+        count, cursor = 0, None
+        for page in pages:
+            for event in page.events:
+                if writer is None:
+                    print(json.dumps(event, ensure_ascii=False))
+                else:
+                    details = event["details"]
+                    event = {**event, "details": None if details is None else json.dumps(details)}
+                    writer.writerow([event[c] for c in query.CSV_COLUMNS])
+            count += len(page.events)
+            cursor = page.next_cursor
+        print(f"({count} row(s) from {settings.database_dsn})", file=sys.stderr)
+        if cursor and not args.all:
+            print(f"more: --cursor {cursor}   (or --all)", file=sys.stderr)
     finally:
         conn.close()
     return 0
 
 
-_ORDER_COLUMNS = ("recorded_at", "ingested_at", "received_at", "occurred_at", "time", "created_at")
+def _pages(conn, request, codec, follow: bool):
+    from dataclasses import replace
+
+    from . import query
+
+    while True:
+        page = query.fetch_page(conn, request, codec)
+        yield page
+        if not follow or page.next_cursor is None:
+            return
+        request = replace(request, after=codec.decode(page.next_cursor, request.filters))
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    """A bearer token from `dev up`'s local issuer, which nothing but that dev up trusts."""
+    from .devservices.issuer import LocalIssuer
+
+    try:
+        issuer = LocalIssuer.from_state()
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(
+            f"error: no local issuer ({exc}); start `./dev up` first. Tokens for a deployment "
+            "come from its OIDC issuer (Keycloak), never from this command.",
+            file=sys.stderr,
+        )
+        return 2
+    roles = tuple(args.role or ["audit.read"])
+    print(issuer.mint(args.subject, roles, lifetime=args.minutes * 60))
+    return 0
 
 
 def _cmd_upkeep(args: argparse.Namespace) -> int:
@@ -289,11 +418,40 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     up.set_defaults(func=_cmd_dev_up)
 
-    query = sub.add_parser("query", help="print recent audit rows (DATABASE_URL / DB_*)")
-    query.add_argument("--limit", type=int, default=10)
+    query = sub.add_parser(
+        "query",
+        help="print audit rows, newest first (DATABASE_URL / DB_*)",
+        description="The query service's filters, straight from the database (read-only). "
+        "Without --from/--to: the last QUERY_MAX_RANGE_DAYS days.",
+    )
+    query.add_argument("--from", dest="from_", metavar="RFC3339", help="first time (inclusive)")
+    query.add_argument("--to", metavar="RFC3339", help="end time (exclusive; default now)")
+    for name in ("actor-id", "resource-type", "resource-id", "source", "subject", "trace-id",
+                 "tenant"):  # fmt: skip
+        query.add_argument(f"--{name}")
+    query.add_argument("--type", help="exact type, or a prefix ending in *")
+    query.add_argument("--outcome", choices=("success", "failure", "denied"))
+    query.add_argument(
+        "--limit", type=int, help="rows per page, 1-1000 (default 10; 1000 with --all)"
+    )
+    query.add_argument("--cursor", help="continue after a page (printed on stderr)")
+    query.add_argument("--all", action="store_true", help="follow the cursor to the last page")
+    query.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     query.add_argument("--id", help="only the row(s) with this event id")
-    query.add_argument("--table", default="audit_events")
     query.set_defaults(func=_cmd_query)
+
+    token = sub.add_parser(
+        "token",
+        help="mint a bearer token from dev up's local issuer (development only)",
+        description="Print a token signed by the issuer that `./dev up` runs; only that "
+        "dev up's services trust it.",
+    )
+    token.add_argument(
+        "--role", action="append", help="a role to grant (repeat; default audit.read)"
+    )
+    token.add_argument("--subject", default="dev-investigator", help="the token's subject")
+    token.add_argument("--minutes", type=int, default=60, help="lifetime (default 60)")
+    token.set_defaults(func=_cmd_token)
 
     topics = sub.add_parser("topics", help="create or grow the events and DLQ topics")
     topics.set_defaults(func=_cmd_topics)

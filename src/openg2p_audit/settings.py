@@ -19,6 +19,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TopicName = Annotated[str, Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
 
 
+# Signature algorithms a token may use: those verified with the issuer's public key.
+ASYMMETRIC_ALGORITHMS = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+
+
 class SettingsError(SystemExit):
     """Raised (and exits the process) when a variable holds an unusable value."""
 
@@ -79,6 +85,26 @@ class Settings(BaseSettings):
     redrive_max_records: int = Field(10_000, ge=0, le=10_000_000)
     redrive_max_seconds: float = Field(20.0, gt=0, le=3600)
 
+    # Query service (audit-query): what one request may ask for. The cursor secret signs
+    # page cursors; unset, each process makes its own, so a cursor only works on the
+    # instance that issued it (fine locally, not behind a load balancer).
+    query_max_range_days: int = Field(93, ge=1, le=3660)
+    query_export_max_rows: int = Field(1_000_000, ge=1, le=100_000_000)
+    query_cursor_secret: str | None = Field(None, min_length=32)
+
+    # Bearer tokens (auth.py): the deployment's OIDC issuer (Keycloak in OpenG2P). Issuer
+    # and JWKS URL unset means "not configured": a function that needs tokens refuses to start.
+    auth_issuer: str | None = None
+    auth_jwks_url: str | None = None
+    auth_audience: str = Field("openg2p-audit", min_length=1)
+    # Where the roles are: comma-separated dotted paths into the token's claims.
+    auth_role_claims: str = Field(
+        "realm_access.roles,resource_access.openg2p-audit.roles", min_length=1
+    )
+    auth_algorithms: str = "RS256,ES256"
+    auth_leeway_seconds: int = Field(30, ge=0, le=300)
+    auth_jwks_cache_seconds: int = Field(300, ge=10, le=86_400)
+
     @field_validator("kafka_bootstrap_servers")
     @classmethod
     def _host_port_list(cls, value: str | None) -> str | None:
@@ -88,6 +114,28 @@ class Settings(BaseSettings):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port...], got {server.strip()!r}")
+        return value
+
+    @field_validator("auth_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: str) -> str:
+        # A shared-secret (HS*) or `none` algorithm would let anyone holding the public JWKS
+        # sign tokens (key confusion); only signatures made with the issuer's private key count.
+        names = [a.strip() for a in value.split(",") if a.strip()]
+        if not names or any(a not in ASYMMETRIC_ALGORITHMS for a in names):
+            raise ValueError(
+                f"expected a comma-separated subset of {','.join(ASYMMETRIC_ALGORITHMS)}"
+            )
+        return ",".join(names)
+
+    @field_validator("auth_issuer", "auth_jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http(s) URL")
         return value
 
     @field_validator("database_url")
@@ -107,6 +155,10 @@ class Settings(BaseSettings):
     @property
     def database_configured(self) -> bool:
         return self.database_url is not None or self.db_host is not None
+
+    @property
+    def auth_configured(self) -> bool:
+        return self.auth_issuer is not None and self.auth_jwks_url is not None
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -13,7 +13,8 @@ The runner's own HTTP endpoint (`Runner.url`) serves:
 - `POST /pingsources/<name>/fire`: send one ping now;
 - `POST /kafkasources/<name>/redeliver?partition=P&start=S[&end=E][&topic=T]`;
 - `GET /status`: URLs, ports and delivery counters, as JSON;
-- `GET /healthz`.
+- `GET /healthz`;
+- `GET /issuer/...`: the local token issuer's JWKS, when one is given (`dev up`).
 
 Everything here talks to 127.0.0.1 only.
 """
@@ -27,7 +28,7 @@ import threading
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 from kafka import KafkaAdminClient
@@ -53,6 +54,9 @@ from .manifests import (
 from .pingsource import PingScheduler
 from .services import ServiceProcess, container_env
 
+if TYPE_CHECKING:
+    from ..devservices.issuer import LocalIssuer
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -74,6 +78,8 @@ class Runner:
         schedule_pings: bool = True,
         service_ports: dict[str, int] | None = None,
         max_in_flight: int = 50,
+        issuer: LocalIssuer | None = None,
+        service_env: dict[str, dict[str, str]] | None = None,
     ):
         self.manifests: Manifests = load(manifest_dir)
         self.settings = settings
@@ -84,6 +90,11 @@ class Runner:
         self.on_dead_letter_failure = on_dead_letter_failure
         self.schedule_pings = schedule_pings
         self._service_ports = dict(service_ports or {})
+        # A devservices.issuer.LocalIssuer: its JWKS is served here, and every Service
+        # trusts it (AUTH_ISSUER, AUTH_JWKS_URL) in place of the cluster's OIDC issuer.
+        self.issuer = issuer
+        # Per-Service env applied last (dev up: the query service's read-only role).
+        self._service_env = {k: dict(v) for k, v in (service_env or {}).items()}
         self._port = port
         self.services: dict[str, ServiceProcess] = {}
         self.sinks: dict[str, TopicWriter] = {}
@@ -139,11 +150,17 @@ class Runner:
         bootstrap = self.settings.bootstrap_servers
         try:
             self._start_server()
+            if self.issuer is not None:
+                self.issuer.url = f"{self.url}/issuer"
             for svc in self.manifests.of(KService):
                 env = container_env(svc, self.manifests)
                 env["KAFKA_BOOTSTRAP_SERVERS"] = self.settings.kafka_bootstrap_servers or ""
                 if self.settings.database_configured:
                     env["DATABASE_URL"] = self._database_url()
+                if self.issuer is not None:
+                    env["AUTH_ISSUER"] = self.issuer.url
+                    env["AUTH_JWKS_URL"] = self.issuer.jwks_url
+                env.update(self._service_env.get(svc.name, {}))
                 self.services[svc.name] = ServiceProcess(
                     svc, env, repo_root=self.repo_root, log_dir=self.workdir / "logs",
                     port=self._service_ports.get(svc.name),
@@ -349,6 +366,8 @@ class Runner:
                 path = urlsplit(self.path).path
                 if path in ("/healthz", "/readyz"):
                     self._answer(200, b"ok", "text/plain")
+                elif path.startswith("/issuer/") and runner.issuer is not None:
+                    self._answer(*runner.issuer.answer(path))
                 elif path == "/status":
                     self._json(200, runner.status())
                 else:

@@ -36,11 +36,12 @@ class ServiceError(RuntimeError):
     pass
 
 
-# What the runner itself points at the local Kafka and PostgreSQL: the manifests' values for
-# these are the cluster's hosts, and the environment's (or the local services') are used.
+# What the runner itself points at the local Kafka, PostgreSQL and token issuer: the
+# manifests' values for these are the cluster's hosts, and the environment's (or the local
+# services') are used.
 LOCAL_INFRASTRUCTURE = frozenset(
     {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER",
-     "DB_PASSWORD"}
+     "DB_PASSWORD", "AUTH_ISSUER", "AUTH_JWKS_URL"}
 )  # fmt: skip
 
 
