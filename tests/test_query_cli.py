@@ -8,17 +8,27 @@ answers are compared with the same reference model as the service's.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import uuid
+from datetime import UTC, timedelta
 
 import pg8000.native
 import pytest
 
-from openg2p_audit import store
+from openg2p_audit import query, store
 from openg2p_audit.cli import main
 from openg2p_audit.devservices.issuer import LocalIssuer
-from query_support import ACTORS, BENEFICIARIES, as_event, expected, full_range, seed_rows
+from query_support import (
+    ACTORS,
+    BENEFICIARIES,
+    as_event,
+    expected,
+    full_range,
+    months_back,
+    seed_rows,
+)
 
 ROWS = seed_rows(120, seed=5)
 
@@ -40,6 +50,10 @@ def env(seeded, monkeypatch):
     monkeypatch.delenv("DB_HOST", raising=False)
     monkeypatch.delenv("QUERY_CURSOR_SECRET", raising=False)
     return seeded
+
+
+def store_z(moment) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _range_args() -> list[str]:
@@ -219,3 +233,45 @@ def test_a_type_prefix_is_literal_text_not_a_like_pattern(env, capsys):
         assert _jsonl(capsys.readouterr().out) == [], prefix
     assert main(["query", *_range_args(), "--type", "org.openg2p.*", "--all"]) == 0
     assert len(_jsonl(capsys.readouterr().out)) == len(ROWS)
+
+
+def test_csv_lines_written_by_postgresql_are_what_the_csv_module_writes(env):
+    """The export's CSV is built in SQL; it must quote, escape and leave NULLs empty
+    exactly as Python's csv module (QUOTE_MINIMAL) would for the same values."""
+    at = months_back(9) + timedelta(days=3)
+    values = [
+        ('say "hi"', "a, b", 'x "y", z'),
+        ("line\nbreak", "cr\rhere", "tab\there"),
+        ("plain", None, "ü €"),
+        ("", "trailing,", ""),
+    ]
+    awkward = [
+        dataclasses.replace(
+            ROWS[i],
+            id=f"csv-{i}",
+            occurred_at=at + timedelta(seconds=i),
+            subject=subject,
+            reason=reason,
+            details=json.dumps({"note": note}),
+        )
+        for i, (subject, reason, note) in enumerate(values)
+    ]
+    window = {"from": store_z(at), "to": store_z(at + timedelta(minutes=1))}
+    conn = pg8000.native.Connection(**env.pg_connect_kwargs)
+    try:
+        store.insert_events(conn, awkward)
+        chunks = query.export_chunks(conn, query.parse_filters(window, env), "csv", 100)
+        out = b"".join(chunks).decode()
+    finally:
+        conn.close()
+    table = list(csv.reader(io.StringIO(out, newline="")))
+    again = io.StringIO()
+    csv.writer(again, lineterminator="\r\n").writerows(table)
+    assert out == again.getvalue()  # byte for byte what csv.writer makes of the same values
+    header, *rows = table
+    got = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+    assert sorted(got) == sorted(r.id for r in awkward)
+    for row in awkward:
+        line = got[row.id]
+        assert line["subject"] == row.subject and line["reason"] == (row.reason or "")
+        assert json.loads(line["details"]) == json.loads(row.details)

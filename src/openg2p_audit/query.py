@@ -285,16 +285,11 @@ def _unb64(text: str) -> bytes:
 # --------------------------------------------------------------------------- SQL
 
 
-def _select(details_as_text: bool) -> str:
-    columns = []
-    for name in EVENT_COLUMNS:
-        if name in ("occurred_at", "ingested_at"):
-            columns.append(_TS.format(name))
-        elif name == "details" and details_as_text:
-            columns.append("details::text")
-        else:
-            columns.append(name)
-    return ", ".join(columns)
+def _select() -> str:
+    return ", ".join(
+        _TS.format(name) if name in ("occurred_at", "ingested_at") else name
+        for name in EVENT_COLUMNS
+    )
 
 
 _JSON_LINE = (
@@ -304,6 +299,22 @@ _JSON_LINE = (
         for name in EVENT_COLUMNS
     )
     + ")::text"
+)
+
+
+def _csv_field(expr: str) -> str:
+    """One CSV field as Python's csv module writes it (QUOTE_MINIMAL): quoted only when it
+    holds a comma, a quote or a line break, quotes doubled, NULL as nothing."""
+    return (
+        f"CASE WHEN {expr} IS NULL THEN '' WHEN {expr} ~ '[,\"\\r\\n]' "
+        f"THEN '\"' || replace({expr}, '\"', '\"\"') || '\"' ELSE {expr} END"
+    )
+
+
+# Built by PostgreSQL, as the JSON lines are: one text value per row.
+_CSV_LINE = " || ',' || ".join(
+    _csv_field(_TS.format(name) if name in ("occurred_at", "ingested_at") else f"{name}::text")
+    for name in CSV_COLUMNS
 )
 
 
@@ -344,7 +355,7 @@ ORDER = "ORDER BY occurred_at DESC, id DESC"
 def page_sql(filters: Filters, limit: int, after: tuple[datetime, str] | None) -> tuple[str, dict]:
     clause, params = where(filters, after)
     params["limit_"] = limit
-    return f"SELECT {_select(False)} FROM {TABLE} WHERE {clause} {ORDER} LIMIT :limit_", params
+    return f"SELECT {_select()} FROM {TABLE} WHERE {clause} {ORDER} LIMIT :limit_", params
 
 
 def _event(row: Sequence[Any]) -> dict[str, Any]:
@@ -372,7 +383,7 @@ def fetch_page(conn: pg8000.native.Connection, request: PageRequest, codec: Curs
 
 def fetch_event(conn: pg8000.native.Connection, event_id: str) -> list[dict[str, Any]]:
     """The stored event(s) with this id: the key is (id, occurred_at), so there may be several."""
-    rows = conn.run(f"SELECT {_select(False)} FROM {TABLE} WHERE id = :id {ORDER}", id=event_id)
+    rows = conn.run(f"SELECT {_select()} FROM {TABLE} WHERE id = :id {ORDER}", id=event_id)
     return [_event(r) for r in rows]
 
 
@@ -389,8 +400,8 @@ def export_chunks(
 ) -> Iterator[bytes]:
     """The export as byte chunks, one keyset batch at a time: memory stays one batch.
 
-    JSON lines are built by PostgreSQL (one text value per row), which keeps
-    the driver's per-column decoding out of the export's hot path. Call it
+    JSON lines and CSV lines are built by PostgreSQL (one text value per row), which
+    keeps the driver's per-column decoding and the csv module out of the hot path. Call it
     inside one REPEATABLE READ transaction so that the batches, and the count
     the audit event carries, see one snapshot.
     """
@@ -403,7 +414,7 @@ def export_chunks(
     # The key comes back as text: the driver would otherwise build a datetime for every
     # row, and only the last row's is needed (for the next batch).
     key = f"{_TS.format('occurred_at')}, id"
-    select = _JSON_LINE if fmt == "jsonl" else _select(True)
+    select = _JSON_LINE if fmt == "jsonl" else _CSV_LINE
     while left > 0:
         clause, params = where(filters, after)
         params["limit_"] = min(EXPORT_BATCH_ROWS, left)
@@ -413,12 +424,8 @@ def export_chunks(
         )
         if not rows:
             return
-        if fmt == "jsonl":
-            yield ("\n".join([r[2] for r in rows]) + "\n").encode()
-        else:
-            out = io.StringIO()
-            csv.writer(out, lineterminator="\r\n").writerows(r[2:] for r in rows)
-            yield out.getvalue().encode()
+        end = "\n" if fmt == "jsonl" else "\r\n"
+        yield (end.join([r[2] for r in rows]) + end).encode()
         left -= len(rows)
         if len(rows) < params["limit_"]:
             return
