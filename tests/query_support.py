@@ -78,6 +78,16 @@ def seed_rows(count: int = 200, seed: int = 13) -> list[store.Row]:
     return rows
 
 
+def seed(settings: Settings, rows: list[store.Row]) -> None:
+    """Store `rows` in the module's database through the one insert path."""
+    conn = pg8000.native.Connection(**settings.pg_connect_kwargs)
+    try:
+        store.ensure_schema(conn, 1)
+        store.insert_events(conn, rows)
+    finally:
+        conn.close()
+
+
 def _ts(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

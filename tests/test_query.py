@@ -40,6 +40,7 @@ from query_support import (
     full_range,
     months_back,
     reader_role,
+    seed,
     seed_rows,
     url_with,
     wait_rows,
@@ -52,12 +53,7 @@ ROWS = seed_rows(200)
 
 @pytest.fixture(scope="module")
 def reader(settings):
-    conn = pg8000.native.Connection(**settings.pg_connect_kwargs)
-    try:
-        store.ensure_schema(conn, 1)
-        store.insert_events(conn, ROWS)
-    finally:
-        conn.close()
+    seed(settings, ROWS)
     return reader_role(settings, f"audit_query_{uuid.uuid4().hex[:8]}")
 
 

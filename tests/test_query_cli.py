@@ -27,6 +27,7 @@ from query_support import (
     expected,
     full_range,
     months_back,
+    seed,
     seed_rows,
 )
 
@@ -35,12 +36,7 @@ ROWS = seed_rows(120, seed=5)
 
 @pytest.fixture(scope="module")
 def seeded(settings):
-    conn = pg8000.native.Connection(**settings.pg_connect_kwargs)
-    try:
-        store.ensure_schema(conn, 1)
-        store.insert_events(conn, ROWS)
-    finally:
-        conn.close()
+    seed(settings, ROWS)
     return settings
 
 

@@ -17,17 +17,16 @@ import shutil
 import uuid
 from pathlib import Path
 
-import pg8000.native
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from ingest_support import end_offsets, read_topic, request
-from openg2p_audit import kafka_binding, store
+from openg2p_audit import kafka_binding
 from openg2p_audit.devservices import LocalFunction
 from openg2p_audit.devservices.issuer import LocalIssuer
-from query_support import full_range, reader_role, seed_rows
+from query_support import full_range, reader_role, seed, seed_rows
 
 ROWS = seed_rows(200, seed=21)
 REPO = Path(__file__).resolve().parents[1]
@@ -51,12 +50,7 @@ def issuer():
 
 @pytest.fixture(scope="module")
 def service(settings, topics, issuer, tmp_path_factory):
-    conn = pg8000.native.Connection(**settings.pg_connect_kwargs)
-    try:
-        store.ensure_schema(conn, 1)
-        store.insert_events(conn, ROWS)
-    finally:
-        conn.close()
+    seed(settings, ROWS)
     reader = reader_role(settings, f"audit_ui_{uuid.uuid4().hex[:8]}").model_copy(
         update={"auth_issuer": issuer.url, "auth_jwks_url": issuer.jwks_url}
     )
