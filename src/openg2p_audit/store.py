@@ -91,6 +91,8 @@ PARENT_INDEXES = {
     f"{TABLE}_resource_idx": "(resource_type, resource_id, occurred_at DESC)",
     f"{TABLE}_type_idx": "(type, occurred_at DESC)",
     f"{TABLE}_trace_idx": "(trace_id) WHERE trace_id IS NOT NULL",
+    # Sealing reads one hour of ingestion at a time (sealing.py), whatever the rows' months.
+    f"{TABLE}_ingested_at_idx": "(ingested_at)",
 }
 
 # A btree entry must fit in a third of a page (~2.7 kB). Values longer than this
