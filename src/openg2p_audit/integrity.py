@@ -13,7 +13,7 @@ text rather than from driver values means the verifier, which only has the
 export, cannot disagree with the sealer about a type conversion.
 
 Numbers: RFC 8785 only defines I-JSON numbers (IEEE 754 doubles). An integer
-beyond ±(2^53 − 1) inside `details` is written as its decimal string before
+beyond +/-(2^53 - 1) inside `details` is written as its decimal string before
 canonicalisation; both sides apply the same rule, so the leaf stays defined.
 
 The tree over an hour's leaves, ordered by (ingested_at, id, occurred_at) with
@@ -579,8 +579,11 @@ def verify_chain(notes: Sequence[str], keys: Sequence[VerifierKey]) -> ChainRepo
                     d.hour,
                 )
             if d.previous != note_hash(previous_note or ""):
-                raise IntegrityError(f"chain broken: digest {d.seq} does not pin digest "
-                                     f"{prev.seq} (a fork or a replaced digest)", d.hour)  # fmt: skip
+                raise IntegrityError(
+                    f"chain broken: digest {d.seq} does not pin digest {prev.seq}"
+                    " (a fork or a replaced digest)",
+                    d.hour,
+                )
         elif d.seq != 0 and d.previous == NO_PREVIOUS:
             raise IntegrityError(f"digest {d.seq} claims to start the chain", d.hour)
         if d.kind == "sealed":
@@ -648,7 +651,7 @@ def check_hour(hour: str, rows: HourRows | None, digests: Sequence[Digest]) -> N
     for entry in entries:
         if entry[1] in claimed:
             groups[claimed[entry[1]]].append(entry)
-    for d, group in [(sealed[0], main)] + list(zip(supplements, groups, strict=True)):
+    for d, group in [(sealed[0], main), *zip(supplements, groups, strict=True)]:
         leaves = [h for _, h, _ in group]
         if merkle_root(leaves) == d.root and len(leaves) == d.count:
             continue
@@ -686,8 +689,10 @@ class VerifyResult:
 
     def summary(self) -> str:
         span = f"{self.first_hour} .. {self.last_hour}" if self.first_hour else "no hours"
-        text = (f"OK: {self.rows} row(s) in {self.hours} hour(s) ({span}) match "
-                f"{self.digests} signed digest(s) from {self.keys} key(s); chain intact")  # fmt: skip
+        text = (
+            f"OK: {self.rows} row(s) in {self.hours} hour(s) ({span}) match"
+            f" {self.digests} signed digest(s) from {self.keys} key(s); chain intact"
+        )
         if self.retired:
             text += "; not recomputed, partitions dropped by retention: " + ", ".join(self.retired)
         if self.unsealed_rows:

@@ -33,7 +33,7 @@ from typing import Any
 import pg8000.native
 
 from . import integrity, query, store
-from .integrity import HOUR, Digest, Signer, SignedDigest
+from .integrity import HOUR, Digest, SignedDigest, Signer
 from .settings import Settings, SettingsError
 
 log = logging.getLogger("openg2p_audit.sealing")
@@ -321,9 +321,7 @@ def seal(
 # --------------------------------------------------------------------------- retention
 
 
-def retire(
-    settings: Settings, conn: pg8000.native.Connection, month: date
-) -> SignedDigest | None:
+def retire(settings: Settings, conn: pg8000.native.Connection, month: date) -> SignedDigest | None:
     """The signed `retired` digest for a partition about to be dropped; None without a key.
 
     It names the month, the span of hours whose trees held the partition's rows
