@@ -293,7 +293,7 @@ class VerifierKey:
 
     @classmethod
     def parse(cls, text: str) -> VerifierKey:
-        parts = text.strip().split("+")
+        parts = text.strip().split("+", 2)  # the base64 may hold "+" itself
         if len(parts) != 3:
             raise ValueError("a verifier key reads name+hash+base64 (one per line)")
         name, hexhash, blob = parts
@@ -571,12 +571,17 @@ def verify_chain(notes: Sequence[str], keys: Sequence[VerifierKey]) -> ChainRepo
                 raise IntegrityError(f"digest {d.seq} is from origin {d.origin!r}, not "
                                      f"{prev.origin!r}", d.hour)  # fmt: skip
             if d.seq != prev.seq + 1:
+                # The missing digest's hour, when the sealed hours show it; else this one's.
+                gap_hour = d.hour
+                sealed_after_gap = d.kind == "sealed" and last_sealed is not None
+                if sealed_after_gap and parse_hour(d.hour) > last_sealed + HOUR:
+                    gap_hour = hour_text(last_sealed + HOUR)
                 raise IntegrityError(
                     f"chain gap: digest {d.seq} follows digest {prev.seq}"
                     f" (digests {prev.seq + 1}..{d.seq - 1} are missing)"
                     if d.seq > prev.seq + 1
                     else f"chain out of order: digest {d.seq} follows digest {prev.seq}",
-                    d.hour,
+                    gap_hour,
                 )
             if d.previous != note_hash(previous_note or ""):
                 raise IntegrityError(
@@ -642,6 +647,8 @@ def check_hour(hour: str, rows: HourRows | None, digests: Sequence[Digest]) -> N
     entries = sorted(rows.leaves) if rows else []
     claimed: dict[bytes, int] = {}
     sealed = [d for d in digests if d.kind == "sealed"]
+    if not sealed:
+        raise IntegrityError("supplement digests without the hour's sealed digest", hour)
     supplements = [d for d in digests if d.kind == "supplement"]
     for i, d in enumerate(supplements):
         for h in d.leaves:
