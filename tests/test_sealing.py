@@ -408,3 +408,44 @@ def test_rows_the_writer_path_stores_use_pg8000_types(db):
     assert row["details"] is None and row["reason"] == "línea\nnueva"
     assert row["ingested_at"].endswith("Z") and len(row["ingested_at"]) == 27
     assert integrity.leaf_hash(line) == integrity.leaf_hash(row)
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def test_an_evidence_bundle_verifies_and_fails_once_an_event_is_edited(
+    db, monkeypatch, capsys, tmp_path
+):
+    import zipfile
+
+    rows = _fill(db)
+    _seal(db, through=NOW)
+    _env(monkeypatch, db)
+    bundle = tmp_path / "bundle.zip"
+    since, until = (NOW - timedelta(days=1)).isoformat(), NOW.isoformat()
+    assert cli.main(["evidence", "--actor-id", "officer-1", "--from", since, "--to", until,
+                     "-o", str(bundle)]) == 0  # fmt: skip
+    selected = [r for r in rows if r.actor_id == "officer-1"]
+    assert f"{len(selected)} event(s)" in capsys.readouterr().out
+    assert cli.main(["verify", "--bundle", str(bundle)]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {len(selected)} event(s) proven included")
+    with zipfile.ZipFile(bundle) as z:
+        files = {n: z.read(n).decode() for n in z.namelist()}
+    assert set(files) == {"events.jsonl", "proofs.jsonl", "digests.jsonl", "public-key.txt",
+                          "README.txt"}  # fmt: skip
+    assert "officer-1" in files["README.txt"]
+
+    lines = files["events.jsonl"].splitlines()
+    target = json.loads(lines[3])
+    target["reason"] = "inserted later"
+    lines[3] = json.dumps(target)
+    files["events.jsonl"] = "\n".join(lines) + "\n"
+    edited = tmp_path / "edited.zip"
+    with zipfile.ZipFile(edited, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    assert cli.main(["verify", "--bundle", str(edited)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED: hour ") and target["id"] in out and "was changed" in out
+    # The bundle spans several hours, each proven in its own tree.
+    assert len({json.loads(x)["hour"] for x in files["proofs.jsonl"].splitlines()}) == 3
