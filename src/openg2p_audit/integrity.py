@@ -623,8 +623,9 @@ class HourRows:
 
     leaves: list[tuple[tuple[str, str, str], bytes, str]] = field(default_factory=list)
 
-    def add(self, row: dict) -> None:
-        self.leaves.append((leaf_order(row), leaf_hash(row), row["id"]))
+    def add(self, row: dict, line: str | None = None) -> None:
+        # From the line when there is one: the text takes the fast canonical path.
+        self.leaves.append((leaf_order(row), leaf_hash(line or row), row["id"]))
 
 
 def rows_by_hour(lines: Iterable[str]) -> dict[str, HourRows]:
@@ -638,7 +639,7 @@ def rows_by_hour(lines: Iterable[str]) -> dict[str, HourRows]:
             hour = hour_of(row["ingested_at"])
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"events line {number} is not an exported audit row") from None
-        hours.setdefault(hour, HourRows()).add(row)
+        hours.setdefault(hour, HourRows()).add(row, line)
     return hours
 
 
