@@ -24,8 +24,11 @@ removed, and a re-publish after a crash replaces a record with itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
+import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -42,6 +45,7 @@ DIGESTS = "audit_digests"
 # Sealed hours re-examined for late rows: far longer than any transaction may stay open.
 SUPPLEMENT_LOOKBACK = timedelta(days=1)
 FETCH_ROWS = 10_000
+SORT_MEMORY = "64MB"
 
 _DDL = [
     f"""CREATE TABLE IF NOT EXISTS {DIGESTS} (
@@ -200,15 +204,44 @@ def _append(
 
 
 def _stream_leaves(conn, sql: str, params: dict[str, Any], on_leaf) -> None:
-    """Hash the rows of a query one FETCH at a time, so an hour never sits in memory."""
+    """Hash the rows of a query one FETCH at a time, so an hour never sits in memory.
+
+    The hour's rows are sorted by PostgreSQL; with the default work_mem a busy
+    hour's sort spills to disk, so this transaction allows the sort more memory.
+    """
+    conn.run(f"SET LOCAL work_mem = '{SORT_MEMORY}'")
     conn.run(f"DECLARE seal_rows NO SCROLL CURSOR FOR {sql} {_ORDER}", **params)
     leaf_hash = integrity.leaf_hash
-    while True:
-        rows = conn.run(f"FETCH {FETCH_ROWS} FROM seal_rows")
-        for (line,) in rows:
-            on_leaf(leaf_hash(line))
-        if len(rows) < FETCH_ROWS:
-            break
+    # One batch ahead: PostgreSQL builds the next batch's lines (on its own core) while
+    # this thread hashes the current one.
+    batches: queue.Queue = queue.Queue(maxsize=1)
+
+    def fetch() -> None:
+        try:
+            while True:
+                rows = conn.run(f"FETCH {FETCH_ROWS} FROM seal_rows")
+                batches.put(rows)
+                if len(rows) < FETCH_ROWS:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread, raised there
+            batches.put(exc)
+
+    fetcher = threading.Thread(target=fetch, name="seal-fetch", daemon=True)
+    fetcher.start()
+    try:
+        while True:
+            rows = batches.get()
+            if isinstance(rows, BaseException):
+                raise rows
+            for (line,) in rows:
+                on_leaf(leaf_hash(line))
+            if len(rows) < FETCH_ROWS:
+                break
+    finally:
+        while fetcher.is_alive():  # never leave the thread using the connection
+            with contextlib.suppress(queue.Empty):
+                batches.get(timeout=0.1)
+        fetcher.join()
     conn.run("CLOSE seal_rows")
 
 
@@ -445,8 +478,7 @@ def publish(settings: Settings, conn: pg8000.native.Connection, summary: SealSum
     if not pending:
         return
     if not settings.kafka_configured:
-        summary.publish_error = "KAFKA_BOOTSTRAP_SERVERS is not set"
-        return
+        return  # no broker in this setup: the digests wait in the table (`unpublished`)
     from kafka import KafkaProducer
 
     try:
