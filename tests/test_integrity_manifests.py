@@ -41,3 +41,13 @@ def test_dev_up_generates_a_local_key_only_for_maintenance(tmp_path):
     key = env["audit-maintenance"]["INTEGRITY_SIGNING_KEY_FILE"]
     assert Signer.from_file("dev", key).verifier.name == "dev"
     assert _local_signing_key(REPO_ROOT / "knative" / "base", tmp_path) == env  # kept
+
+
+def test_the_runner_lists_the_key_mount_as_deployment_only():
+    from openg2p_audit.eventing.manifests import load
+    from openg2p_audit.eventing.runner import REPO_ROOT
+
+    m = load(REPO_ROOT / "knative" / "base")
+    found = {str(f) for f in m.deployment_only if f.resource == "Service/audit-maintenance"}
+    assert any("volumeMounts" in f for f in found) and any("volumes" in f for f in found)
+    assert not m.unsupported

@@ -138,12 +138,13 @@ def _h(moment: datetime) -> str:
 def test_seal_export_and_verify_pass_and_sealing_is_idempotent(db, monkeypatch, capsys, tmp_path):
     _fill(db)
     _env(monkeypatch, db)
-    assert cli.main(["seal", "--through", NOW.isoformat()]) == 0
+    # --grace 0: the hour before NOW is closed, whatever the minute the test runs at.
+    assert cli.main(["seal", "--through", NOW.isoformat(), "--grace", "0"]) == 0
     line = capsys.readouterr().out.strip()
     # Every hour from the first row's to the last closed one, the empty one included.
     assert line.startswith(f"sealed 6 hour(s) {_h(HOURS[0])} .. {_h(NOW - timedelta(hours=1))}")
     assert "(45 row(s))" in line
-    assert cli.main(["seal", "--through", NOW.isoformat()]) == 0
+    assert cli.main(["seal", "--through", NOW.isoformat(), "--grace", "0"]) == 0
     assert capsys.readouterr().out.startswith("no hour to seal")
 
     conn = _connect(db)
