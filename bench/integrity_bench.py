@@ -60,8 +60,10 @@ def run(settings, rows: int, tmp: Path) -> dict:
         store.insert_events(conn, list(_rows(min(5000, rows - start), start)))
     insert_s = time.perf_counter() - t
     hour = (datetime.now(UTC) - timedelta(hours=2)).replace(minute=0, second=0, microsecond=0)
-    conn.run("UPDATE audit_events SET ingested_at = :h::timestamptz + (random() * interval '59 minutes')",
-             h=hour)  # fmt: skip
+    conn.run(
+        "UPDATE audit_events SET ingested_at = :h::timestamptz + random() * interval '59 minutes'",
+        h=hour,
+    )
     conn.run("VACUUM ANALYZE audit_events")
 
     t = time.perf_counter()
