@@ -450,3 +450,22 @@ def test_an_evidence_bundle_verifies_and_fails_once_an_event_is_edited(
     assert out.startswith("FAILED: hour ") and target["id"] in out and "was changed" in out
     # The bundle spans several hours, each proven in its own tree.
     assert len({json.loads(x)["hour"] for x in files["proofs.jsonl"].splitlines()}) == 3
+
+
+def test_the_digests_topic_keeps_everything(db):
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = KafkaAdminClient(bootstrap_servers=db.bootstrap_servers)
+    try:
+        result = admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, db.kafka_digests_topic)]
+        )
+        [partitions] = [len(t["partitions"]) for t in admin.describe_topics(
+            [db.kafka_digests_topic])]  # fmt: skip
+    finally:
+        admin.close()
+    assert partitions == 1  # the chain is one ordered sequence
+    configs = next(iter(next(iter(result.values())).values()))
+    assert configs["cleanup.policy"]["value"] == "compact"
+    assert configs["retention.ms"]["value"] == "-1"
