@@ -78,6 +78,7 @@ def settings(request, base_settings, bootstrap_servers, postgres_server) -> Sett
             "kafka_bootstrap_servers": bootstrap_servers,
             "kafka_events_topic": f"t.{tag}.events",
             "kafka_dlq_topic": f"t.{tag}.dlq",
+            "kafka_digests_topic": f"t.{tag}.digests",
             "kafka_topic_partitions": 3,
             "kafka_consumer_group": f"t.{tag}.group",
             "database_url": database_url,

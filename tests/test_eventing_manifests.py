@@ -93,7 +93,7 @@ def test_unsupported_fields_are_reported(base_copy, caplog):
 
     def writer(doc):
         c = doc["spec"]["template"]["spec"]["containers"][0]
-        c["volumeMounts"] = [{"name": "v", "mountPath": "/data"}]
+        c["workingDir"] = "/data"
 
     def trigger(doc):
         doc["spec"]["filters"] = [{"cesql": "type = 'x'"}]
@@ -110,7 +110,7 @@ def test_unsupported_fields_are_reported(base_copy, caplog):
         m.report()
     [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "KafkaSource/audit-events-to-writer spec.delivery.retryAfterMax" in line
-    assert "Service/audit-writer spec.template.spec.containers[].volumeMounts[].mountPath" in line
+    assert "Service/audit-writer spec.template.spec.containers[].workingDir" in line
     assert "Trigger/audit-to-ingest spec.filters[].cesql" in line
     assert "PersistentVolumeClaim/data (whole resource)" in line
     info = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.INFO)

@@ -7,6 +7,7 @@ same core code the functions run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -183,6 +184,33 @@ def _query_role(live, manifest_dir: Path) -> dict[str, dict[str, str]]:
     return wanted
 
 
+def _local_signing_key(manifest_dir: Path, workdir: Path) -> dict[str, dict[str, str]]:
+    """A sealing key for dev up's maintenance, when the manifests name one not on this machine.
+
+    Deployments mount the Secret audit-signing-key; locally there is none, so a
+    key is generated in the work folder (development only, never a deployment's)
+    and the maintenance Service is pointed at it. Returns the runner's per-Service env.
+    """
+    from .eventing.manifests import KService, load
+    from .eventing.services import container_env
+    from .integrity import generate_pem
+
+    wanted: dict[str, dict[str, str]] = {}
+    manifests = load(manifest_dir)
+    for svc in manifests.of(KService):
+        if svc.env_value("FUNCTION_TARGET") != "maintain":
+            continue
+        configured = container_env(svc, manifests).get("INTEGRITY_SIGNING_KEY_FILE")
+        if configured and Path(configured).is_file():
+            continue
+        path = workdir / "dev-signing-key.pem"
+        if not path.exists():
+            path.write_bytes(generate_pem())
+            path.chmod(0o600)
+        wanted[svc.name] = {"INTEGRITY_SIGNING_KEY_FILE": str(path)}
+    return wanted
+
+
 def _cmd_dev_up(args: argparse.Namespace) -> int:
     from .devservices import local_services
     from .devservices.issuer import LocalIssuer
@@ -215,7 +243,8 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
             runner = Runner(
                 manifests, live, workdir=workdir / "runner", port=args.port,
                 commit_interval=args.commit_interval, max_in_flight=args.max_in_flight,
-                issuer=issuer, service_env=_query_role(live, manifests),
+                issuer=issuer, service_env={**_query_role(live, manifests),
+                                            **_local_signing_key(manifests, workdir)},
             )  # fmt: skip
             try:
                 runner.start()
@@ -399,6 +428,173 @@ def _cmd_upkeep(args: argparse.Namespace) -> int:
     return 1 if summary.status == "error" else 0
 
 
+def _cmd_seal(args: argparse.Namespace) -> int:
+    """Seal by hand, under the maintenance run's lock, so it never races the hourly run."""
+    from . import maintenance, sealing, store
+
+    settings = load_settings()
+    try:
+        sealing.signer(settings)
+    except sealing.SealingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    conn = store.connect(settings, application_name="openg2p-audit-seal")
+    try:
+        if not maintenance._try_lock(conn, maintenance.LOCK_WAIT_SECONDS):
+            print("error: a maintenance run holds the lock; try again shortly", file=sys.stderr)
+            return 1
+        try:
+            summary = sealing.seal(settings, conn, through=args.through, grace=args.grace)
+        finally:
+            maintenance._unlock(conn)
+    finally:
+        conn.close()
+    print(summary.line())
+    if summary.publish_error:
+        print(f"warning: digests not published: {summary.publish_error}", file=sys.stderr)
+    return 1 if summary.missing else 0
+
+
+def _cmd_public_key(args: argparse.Namespace) -> int:
+    from . import sealing
+
+    try:
+        print(sealing.signer(load_settings()).verifier)
+    except sealing.SealingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _out(path: str | None):
+    return open(path, "w", encoding="utf-8") if path else contextlib.nullcontext(sys.stdout)
+
+
+def _cmd_digests(args: argparse.Namespace) -> int:
+    from . import sealing, store
+
+    settings = load_settings()
+    conn = store.connect(settings, application_name="openg2p-audit-cli")
+    try:
+        sealing.ensure_schema(conn)
+        lines = sealing.digest_lines(sealing.digests(conn, args.from_, args.to))
+    finally:
+        conn.close()
+    with _out(args.output) as out:
+        for line in lines:
+            out.write(line + "\n")
+    print(f"({len(lines)} digest(s))", file=sys.stderr)
+    return 0
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from . import sealing, store
+
+    settings = load_settings()
+    conn = store.connect(settings, application_name="openg2p-audit-cli")
+    count = 0
+    try:
+        with _out(args.output) as out:
+            for line in sealing.event_lines(conn, args.from_, args.to):
+                out.write(line + "\n")
+                count += 1
+    finally:
+        conn.close()
+    print(f"({count} row(s))", file=sys.stderr)
+    return 0
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 with one line, 1 naming the first bad hour (and row), 2 for unusable input."""
+    from . import integrity
+
+    try:
+        if args.bundle:
+            from . import evidence
+
+            result = evidence.verify_bundle(args.bundle, _keys(args))
+            print(result)
+            return 0
+        keys = _keys(args)
+        if args.database:
+            from . import sealing, store
+
+            settings = load_settings()
+            conn = store.connect(settings, application_name="openg2p-audit-verify")
+            try:
+                sealing.ensure_schema(conn)
+                notes = sealing.digests(conn)
+                result = integrity.verify(sealing.event_lines(conn), notes, keys)
+            finally:
+                conn.close()
+        else:
+            if not (args.events and args.digests):
+                print("error: give --events and --digests (or --database, or --bundle)",
+                      file=sys.stderr)  # fmt: skip
+                return 2
+            notes = integrity.read_digest_lines(_read_lines(args.digests))
+            result = integrity.verify(_read_lines(args.events), notes, keys)
+    except integrity.IntegrityError as exc:
+        print(f"FAILED: {exc}")
+        return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+def _cmd_evidence(args: argparse.Namespace) -> int:
+    from . import evidence, query, sealing, store
+
+    settings = load_settings()
+    items = [("from", args.from_), ("to", args.to)]
+    for option in ("actor_id", "resource_type", "resource_id", "trace_id"):
+        if getattr(args, option) is not None:
+            items.append((option, getattr(args, option)))
+    if len(items) == 2:
+        print("error: select with --actor-id, --resource-type/--resource-id or --trace-id",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        filters = query.parse_filters(dict(items), settings)
+        conn = store.connect(settings, application_name="openg2p-audit-evidence")
+        try:
+            count = evidence.build(settings, conn, filters, args.output)
+        finally:
+            conn.close()
+    except query.BadParameter as exc:
+        print(f"error: --{exc.parameter.replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return 2
+    except (evidence.EvidenceError, sealing.SealingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}: {count} event(s) with their proofs")
+    return 0
+
+
+def _keys(args: argparse.Namespace):
+    from . import integrity, sealing
+
+    if args.public_key:
+        return integrity.read_verifier_keys("\n".join(_read_lines(args.public_key)))
+    if args.database:
+        try:
+            return [sealing.signer(load_settings()).verifier]
+        except sealing.SealingError as exc:
+            raise ValueError(f"{exc}; or give --public-key FILE") from None
+    if args.bundle:
+        return None  # the bundle's own key, which the README tells to compare
+    raise ValueError("give --public-key FILE (`openg2p-audit integrity public-key` prints it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openg2p-audit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -503,6 +699,64 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dry-run: plan as if it were this time (default: the UTC clock)",
     )
     up_keep.set_defaults(func=_cmd_upkeep)
+
+    seal = sub.add_parser(
+        "seal",
+        help="seal the closed hours now (signed, chained hourly digests)",
+        description="Seal every closed hour of ingested_at older than the grace period, as "
+        "the hourly maintenance does, under its lock; write supplements for late rows and "
+        "publish the digests. Prints the hours sealed.",
+    )
+    seal.add_argument("--through", type=_timestamp, metavar="ISO",
+                      help="seal no hour ending after this time")  # fmt: skip
+    seal.add_argument("--grace", type=float, metavar="SECONDS",
+                      help="how long an hour must be closed (INTEGRITY_GRACE_SECONDS)")  # fmt: skip
+    seal.set_defaults(func=_cmd_seal)
+
+    integ = sub.add_parser("integrity", help="the signing key's public half, digests, rows")
+    integ_sub = integ.add_subparsers(dest="integrity_command", required=True)
+    pk = integ_sub.add_parser("public-key", help="print the verifier key (C2SP signed-note)")
+    pk.set_defaults(func=_cmd_public_key)
+    for name, func, what in (
+        ("digests", _cmd_digests, "digests whose hour lies in [--from, --to), as JSON lines"),
+        ("events", _cmd_events, "rows ingested in [--from, --to), in the export's JSON lines"),
+    ):
+        p = integ_sub.add_parser(name, help=what, description=what)
+        p.add_argument("--from", dest="from_", type=_timestamp, metavar="ISO")
+        p.add_argument("--to", type=_timestamp, metavar="ISO")
+        p.add_argument("-o", "--output", help="write here instead of standard output")
+        p.set_defaults(func=func)
+
+    ev = sub.add_parser(
+        "evidence",
+        help="write an evidence bundle: selected events, their proofs, digests, public key",
+        description="The events of one actor, resource or trace in [--from, --to), each with "
+        "its RFC 6962 inclusion proof in a signed hourly digest, as a zip that "
+        "`verify --bundle` checks offline.",
+    )
+    ev.add_argument("--actor-id")
+    ev.add_argument("--resource-type")
+    ev.add_argument("--resource-id")
+    ev.add_argument("--trace-id")
+    ev.add_argument("--from", dest="from_", required=True, metavar="RFC3339")
+    ev.add_argument("--to", required=True, metavar="RFC3339")
+    ev.add_argument("-o", "--output", required=True, metavar="ZIP")
+    ev.set_defaults(func=_cmd_evidence)
+
+    ver = sub.add_parser(
+        "verify",
+        help="check rows against the signed digests (offline, or --database)",
+        description="Check the digests' signatures and chain, and recompute every sealed "
+        "hour's tree from the rows. Exit 0 with a summary; 1 naming the first bad hour "
+        "(and row); 2 for unusable input.",
+    )
+    ver.add_argument("--events", metavar="FILE", help="rows, JSON lines (the export format)")
+    ver.add_argument("--digests", metavar="FILE", help="digests, JSON lines")
+    ver.add_argument("--public-key", metavar="FILE", help="verifier key(s), one per line")
+    ver.add_argument("--database", action="store_true",
+                     help="read rows and digests from the database instead")  # fmt: skip
+    ver.add_argument("--bundle", metavar="ZIP", help="an evidence bundle")
+    ver.set_defaults(func=_cmd_verify)
     return parser
 
 

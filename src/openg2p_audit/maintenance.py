@@ -15,7 +15,12 @@ then report "skipped" with success rather than fail):
    `RETENTION_MONTHS`; 0 disables dropping) are removed with DROP TABLE. Only
    tables named like a monthly partition (`store.partition_month`) and
    attached to `audit_events` are ever dropped.
-2. Dead-letter redrive: records that a KafkaSource gave up on for a transient
+2. Sealing (`sealing.seal`): every closed hour of `ingested_at` older than
+   `INTEGRITY_GRACE_SECONDS` gets its signed digest, late rows their
+   supplement, and the digests go to their Kafka topic. A partition dropped
+   by retention first gets its signed `retired` digest. Without a signing key
+   (`INTEGRITY_SIGNING_KEY_FILE`) this step is skipped and the summary says so.
+3. Dead-letter redrive: records that a KafkaSource gave up on for a transient
    reason (HTTP 5xx, 408, 429, or no answer at all) are stored through the one
    insert path, `store.insert_events`; records refused for good (other 4xx, or
    found unstorable here) stay in the dead-letter topic and are reported. The
@@ -49,7 +54,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import store
+from . import sealing, store
 from .kafka_binding import STRUCTURED_CONTENT_TYPE, is_binary
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
 from .settings import Settings, load_settings
@@ -83,6 +88,13 @@ DLQ_PERMANENT = Counter(
     "audit_maintenance_dlq_permanent_total",
     "Dead-letter records left in the dead-letter topic as permanent failures, by reason",
     ["reason"],
+)
+
+
+HOURS_SEALED = Counter("audit_maintenance_hours_sealed_total", "Hours sealed with a digest")
+SUPPLEMENTS = Counter(
+    "audit_maintenance_supplement_digests_total",
+    "Supplement digests for rows that committed into an already sealed hour",
 )
 
 
@@ -129,6 +141,8 @@ class UpkeepSummary:
     dropped: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     redrive: RedriveSummary | None = None
+    seal: dict[str, Any] | None = None
+    retired: list[int] = field(default_factory=list)  # seq of the retired digests written
     skipped: str | None = None
     error: str | None = None
     duration_ms: int = 0
@@ -202,9 +216,13 @@ def upkeep(
             kept.add(name)
         elif dry_run:
             summary.dropped.append(name)
-        elif store.drop_partition(conn, month):  # False: another session dropped it first
-            summary.dropped.append(name)
-            PARTITIONS_DROPPED.inc()
+        else:
+            signed = sealing.retire(settings, conn, month)
+            if signed is not None:
+                summary.retired.append(signed.digest.seq)
+            if store.drop_partition(conn, month):  # False: another session dropped it first
+                summary.dropped.append(name)
+                PARTITIONS_DROPPED.inc()
     summary.kept = sorted(kept)
     return summary
 
@@ -490,15 +508,38 @@ def _unlock(conn: pg8000.native.Connection) -> None:
         store.advisory_unlock(conn, RUN_LOCK)
 
 
+def _seal(settings: Settings, conn: pg8000.native.Connection, summary: UpkeepSummary) -> None:
+    """Seal the closed hours; a failure is the run's error, after the partitions are done."""
+    if settings.integrity_signing_key_file is None:
+        summary.seal = {"skipped": "INTEGRITY_SIGNING_KEY_FILE is not set"}
+        return
+    try:
+        result = sealing.seal(settings, conn)
+    except sealing.SealingError as exc:
+        summary.seal = {"error": str(exc)}
+        summary.status, summary.error = "error", str(exc)
+        return
+    summary.seal = result.as_dict()
+    HOURS_SEALED.inc(len(result.sealed))
+    SUPPLEMENTS.inc(len(result.supplements))
+    if result.missing:
+        summary.status = "error"
+        summary.error = f"rows missing from sealed hours: {result.missing}"
+    elif result.publish_error:
+        summary.status = "error"
+        summary.error = f"digests not published to Kafka: {result.publish_error}"
+
+
 def run_maintenance(
     settings: Settings,
     *,
     now: datetime | None = None,
     dry_run: bool = False,
     redrive_dlq: bool = True,
+    seal_hours: bool = True,
     lock_wait: float = LOCK_WAIT_SECONDS,
 ) -> UpkeepSummary:
-    """One run: lock, partition upkeep, dead-letter redrive.
+    """One run: lock, partition upkeep, sealing, dead-letter redrive.
 
     Raises when the partition work fails (database unreachable, a lock timeout);
     a redrive failure is returned with status "error" after the partitions are done.
@@ -516,6 +557,8 @@ def run_maintenance(
         else:
             try:
                 summary = upkeep(settings, conn, now=now, dry_run=dry_run)
+                if seal_hours and not dry_run:
+                    _seal(settings, conn, summary)
                 if redrive_dlq:
                     try:
                         summary.redrive = redrive(settings, conn, dry_run=dry_run)

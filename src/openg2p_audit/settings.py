@@ -85,6 +85,17 @@ class Settings(BaseSettings):
     redrive_max_records: int = Field(10_000, ge=0, le=10_000_000)
     redrive_max_seconds: float = Field(20.0, gt=0, le=3600)
 
+    # Tamper evidence (sealing.py): hourly digests signed with the Ed25519 key in this file
+    # (PEM, a mounted Secret), named by the origin, which says which deployment they vouch
+    # for. Unset key file: maintenance does not seal (and says so in its summary).
+    integrity_origin: str = Field(
+        "openg2p-audit", min_length=1, max_length=200, pattern=r"^[^\s+]+$"
+    )
+    integrity_signing_key_file: str | None = None
+    integrity_grace_seconds: int = Field(600, ge=0, le=7 * 24 * 3600)
+    integrity_max_hours_per_run: int = Field(744, ge=1, le=100_000)
+    kafka_digests_topic: TopicName = "openg2p.audit.digests"
+
     # Query service (audit-query): what one request may ask for. The cursor secret signs
     # page cursors; unset, each process makes its own, so a cursor only works on the
     # instance that issued it (fine locally, not behind a load balancer).

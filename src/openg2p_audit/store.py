@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import socket
 import threading
@@ -37,6 +38,8 @@ from pg8000.exceptions import DatabaseError, InterfaceError
 
 from .contract import AuditEvent, find_nul
 from .settings import Settings
+
+log = logging.getLogger("openg2p_audit.store")
 
 TABLE = "audit_events"
 
@@ -84,6 +87,24 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 ) PARTITION BY RANGE (occurred_at)
 """
 
+# Re-sends with a stored (id, occurred_at) but other content: the stored row stays as it
+# is (first version wins), and each distinct other version is kept here with how often
+# and since when it came. `stored_hash` is the stored row's leaf hash (integrity.py).
+CONFLICTS = "audit_conflicts"
+_DDL_CONFLICTS = f"""
+CREATE TABLE IF NOT EXISTS {CONFLICTS} (
+    id            text        NOT NULL,
+    occurred_at   timestamptz NOT NULL,
+    incoming_hash bytea       NOT NULL,
+    stored_hash   bytea       NOT NULL,
+    incoming      jsonb       NOT NULL,
+    first_seen    timestamptz NOT NULL DEFAULT now(),
+    last_seen     timestamptz NOT NULL DEFAULT now(),
+    count         bigint      NOT NULL DEFAULT 1,
+    PRIMARY KEY (id, occurred_at, incoming_hash)
+)
+"""
+
 # Defined on the parent, so PostgreSQL propagates them to every partition.
 PARENT_INDEXES = {
     f"{TABLE}_occurred_at_idx": "(occurred_at DESC)",
@@ -91,6 +112,8 @@ PARENT_INDEXES = {
     f"{TABLE}_resource_idx": "(resource_type, resource_id, occurred_at DESC)",
     f"{TABLE}_type_idx": "(type, occurred_at DESC)",
     f"{TABLE}_trace_idx": "(trace_id) WHERE trace_id IS NOT NULL",
+    # Sealing reads one hour of ingestion at a time (sealing.py), whatever the rows' months.
+    f"{TABLE}_ingested_at_idx": "(ingested_at)",
 }
 
 # A btree entry must fit in a third of a page (~2.7 kB). Values longer than this
@@ -222,6 +245,7 @@ def ensure_schema(
         f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'",
         f"SELECT pg_advisory_xact_lock({_LOCK_NAMESPACE}, {_SCHEMA_LOCK})",
         _DDL_TABLE,
+        _DDL_CONFLICTS,
     ]
     statements += [
         f"CREATE INDEX IF NOT EXISTS {name} ON {TABLE} {spec}"
@@ -587,6 +611,16 @@ class InsertResult:
     inserted: int
     duplicates: int
     new: tuple[bool, ...] = field(default=(), repr=False)
+    # Duplicates whose content differs from the stored row, recorded in audit_conflicts.
+    conflicts: tuple[Conflict, ...] = ()
+
+
+@dataclass(frozen=True)
+class Conflict:
+    id: str
+    occurred_at: str
+    stored_hash: str  # hex
+    incoming_hash: str  # hex
 
 
 def _no_partition(exc: DatabaseError) -> bool:
@@ -640,7 +674,84 @@ def insert_events(
 
     new = tuple(first_seen[key] == i and key in stored for i, key in enumerate(keys))
     inserted = len(stored)
-    return InsertResult(inserted=inserted, duplicates=len(rows) - inserted, new=new)
+    conflicts: tuple[Conflict, ...] = ()
+    if inserted < len(rows):
+        conflicts = _record_conflicts(conn, [r for r, n in zip(rows, new, strict=True) if not n])
+    return InsertResult(
+        inserted=inserted, duplicates=len(rows) - inserted, new=new, conflicts=conflicts
+    )
+
+
+_N = [f"n_{c}" for c in COLUMNS]
+# Stored rows whose content differs from a re-send with their key. `details` is compared
+# as jsonb, so key order and spacing are not a difference; NULL equals NULL.
+_CONFLICTING = (
+    "SELECT r.i, {line} FROM unnest("
+    + ", ".join(f":{c}::text[]" for c in COLUMNS)
+    + f") WITH ORDINALITY AS r({', '.join(_N)}, i)"
+    f" JOIN {TABLE} e ON e.id = r.n_id AND e.occurred_at = r.n_occurred_at::timestamptz"
+    f" WHERE ({', '.join('e.' + c for c in COLUMNS[2:])}) IS DISTINCT FROM ("
+    + ", ".join(f"r.n_{c}::jsonb" if c == "details" else f"r.n_{c}" for c in COLUMNS[2:])
+    + ")"
+)
+
+
+def _record_conflicts(conn: pg8000.native.Connection, rows: list[Row]) -> tuple[Conflict, ...]:
+    """Compare re-sent rows with the stored ones; keep each differing version in audit_conflicts.
+
+    Runs after the insert committed, and only when a call had duplicates, so
+    the common path pays nothing. A failure here raises like a failed insert:
+    the caller retries the whole (idempotent) call, and the conflict is
+    recorded then.
+    """
+    import hashlib
+
+    from . import integrity, query
+
+    params = {
+        c: _array_literal(
+            [r.occurred_at.isoformat() for r in rows]
+            if c == "occurred_at"
+            else [getattr(r, c) for r in rows]
+        )
+        for c in COLUMNS
+    }
+    sql = _CONFLICTING.format(line=_qualified(query._JSON_LINE))
+    found = conn.run(sql, **params)
+    recorded = []
+    for index, stored_line in found:
+        row = rows[index - 1]
+        incoming = {c: getattr(row, c) for c in COLUMNS}
+        incoming["occurred_at"] = row.occurred_at.isoformat()
+        incoming["details"] = None if row.details is None else json.loads(row.details)
+        incoming_json = json.dumps(incoming, sort_keys=True, ensure_ascii=False)
+        incoming_hash = hashlib.sha256(incoming_json.encode()).digest()
+        stored_hash = integrity.leaf_hash(stored_line)
+        conn.run(
+            f"INSERT INTO {CONFLICTS} (id, occurred_at, incoming_hash, stored_hash, incoming)"
+            " VALUES (:id, :o::timestamptz, :ih, :sh, :inc::jsonb)"
+            " ON CONFLICT (id, occurred_at, incoming_hash) DO UPDATE"
+            f" SET count = {CONFLICTS}.count + 1, last_seen = now()",
+            id=row.id, o=row.occurred_at.isoformat(), ih=incoming_hash, sh=stored_hash,
+            inc=incoming_json,
+        )  # fmt: skip
+        recorded.append(
+            Conflict(row.id, row.occurred_at.isoformat(), stored_hash.hex(), incoming_hash.hex())
+        )
+        log.warning(
+            "conflicting re-send of event %s (occurred_at %s): its content differs from the "
+            "stored row, which is kept; recorded in %s", row.id, row.occurred_at.isoformat(),
+            CONFLICTS, extra={"id": row.id, "stored_hash": stored_hash.hex()},
+        )  # fmt: skip
+    return tuple(recorded)
+
+
+def _qualified(line: str) -> str:
+    """The export line's expression over the stored row `e` (its columns, unambiguous)."""
+    out = line
+    for c in (*COLUMNS, "ingested_at"):
+        out = re.sub(rf"(?<!['\w.]){c}(?![\w'])", f"e.{c}", out)
+    return out
 
 
 def _insert_once(conn: pg8000.native.Connection, params: dict[str, str]) -> set[tuple[str, int]]:

@@ -35,12 +35,22 @@ def _partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, in
     return {t["name"]: len(t["partitions"]) for t in admin.describe_topics(wanted)}
 
 
+# The digests topic (sealing.py) keeps every digest for good: compacted, keyed by sequence
+# number (so a re-published digest replaces only itself), and no time or size limit.
+DIGEST_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
+
+
 def ensure_topics(settings: Settings, replication_factor: int = 1) -> list[TopicState]:
-    """Create the events and DLQ topics if missing; grow the events topic if too small."""
+    """Create the events, DLQ and digests topics if missing; grow the events topic if too small.
+
+    The digests topic has one partition: the chain is one ordered sequence.
+    """
     wanted = {
         settings.kafka_events_topic: settings.kafka_topic_partitions,
         settings.kafka_dlq_topic: 1,
+        settings.kafka_digests_topic: 1,
     }
+    configs = {settings.kafka_digests_topic: DIGEST_TOPIC_CONFIG}
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15000)
     try:
         current = _partition_counts(admin, list(wanted))
@@ -49,7 +59,10 @@ def ensure_topics(settings: Settings, replication_factor: int = 1) -> list[Topic
             have = current.get(name)
             if have is None:
                 try:
-                    admin.create_topics([NewTopic(name, partitions, replication_factor)])
+                    admin.create_topics(
+                        [NewTopic(name, partitions, replication_factor,
+                                  topic_configs=configs.get(name, {}))]
+                    )  # fmt: skip
                     log.info("created topic %s with %d partitions", name, partitions)
                 except TopicAlreadyExistsError:  # another process won the race
                     pass

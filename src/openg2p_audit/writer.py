@@ -3,7 +3,9 @@
 A Knative KafkaSource POSTs each Kafka record as one binary-mode CloudEvent
 and reads nothing but the status code:
 
-- 2xx: the row is committed (201) or was already there (200). Never earlier:
+- 2xx: the row is committed (201) or was already there (200; a re-send whose
+  content differs from the stored row is recorded in `audit_conflicts`, counted
+  and logged, and the stored row stays as it is). Never earlier:
   the KafkaSource commits the record's offset on 2xx, so an answer before the
   commit could lose the event.
 - 503: a transient failure (database down, timeout). The KafkaSource retries.
@@ -64,6 +66,10 @@ REJECTIONS = Counter(
 )
 UNAVAILABLE = Counter(
     "audit_writer_unavailable_total", "Deliveries answered 503 (transient failures)", ["reason"]
+)
+CONFLICTS = Counter(
+    "audit_writer_conflicts_total",
+    "Re-sends whose content differs from the stored row (answered 200, kept in audit_conflicts)",
 )
 BATCH_SIZE = Histogram(
     "audit_writer_batch_size",
@@ -355,6 +361,7 @@ class GroupCommitter:
         BATCH_SIZE.observe(len(batch))
         ROWS_INSERTED.inc(result.inserted)
         DUPLICATES.inc(result.duplicates)
+        CONFLICTS.inc(len(result.conflicts))
         for item, new in zip(batch, result.new, strict=True):
             self._finish(item, "stored" if new else "duplicate", "")
 
