@@ -50,6 +50,7 @@ NOT_IN_CONFIGMAP = {
     "DB_PASSWORD": "comes from the Secret audit-db",
     "DATABASE_URL": "would carry the password; the DB_* variables are used instead",
     "QUERY_CURSOR_SECRET": "comes from the Secret audit-query",
+    "INGEST_SOURCE_POLICY_FILE": "the policy is the ConfigMap's INGEST_SOURCE_POLICY",
 }
 
 KEDA = "autoscaling.eventing.knative.dev"
