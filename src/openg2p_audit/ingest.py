@@ -9,7 +9,12 @@ about input and never loses what it has accepted:
   index in a batch) and nothing of that request is produced: a batch is all
   or nothing;
 - when Kafka cannot take the events in time it answers 503 with Retry-After
-  within the ack timeout, never hanging and never dropping silently.
+  within the ack timeout, never hanging and never dropping silently;
+- unless INGEST_AUTH=disabled, a caller without a valid bearer token gets 401
+  before its body is read, an event outside the caller's sources (the source
+  policy) gets 403, and each accepted event carries the caller's identity in
+  the CloudEvents authcontext extension, which only ingest may set: an audit
+  trail anyone can write under any name proves nothing.
 
 It routes by path itself because one functions-framework target serves the
 CloudEvents endpoint (`/`, where a Knative Broker Trigger also delivers), the
