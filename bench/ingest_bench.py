@@ -13,7 +13,15 @@ in production. It prints requests/s, events/s, p50 and p99 latency per phase.
 
 Options: --workers (functions-framework --asgi), --clients (client
 processes), --connections (per client), --seconds (per phase), --batch
-(events per batch request), --linger (INGEST_LINGER_MS), --only single|batch.
+(events per batch request), --linger (INGEST_LINGER_MS), --only single|batch,
+--no-auth (INGEST_AUTH=disabled, to see what tokens cost).
+
+Tokens are on by default, as deployed: every request carries one service's
+bearer token from a local issuer, so after the first request of each worker
+the check is the per-token cache. Before the HTTP phases the benchmark also
+times the check itself in this process (first verification with the JWKS
+cached, then a repeated token), which is the per-request cost of
+authentication; the target is at most 30 µs for a repeated token.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from openg2p_audit.auth import TokenVerifier
 from openg2p_audit.devservices import LocalFunction, LocalKafka
+from openg2p_audit.devservices.issuer import LocalIssuer
 from openg2p_audit.settings import load_settings
 from openg2p_audit.topics import ensure_topics
 
@@ -57,6 +67,10 @@ def _event(client: int, seq_placeholder: str) -> dict:
 
 
 SEQ = "%(seq)012d"
+# The request header line carrying the callers' token ("" with --no-auth); set in main()
+# before the client processes fork.
+AUTH_LINE = ""
+POLICY = 'callers:\n  openg2p-registry:\n    sources: ["/openg2p/registry"]\n'
 
 
 def _templates(client: int, batch: int) -> tuple[bytes, int]:
@@ -69,7 +83,7 @@ def _templates(client: int, batch: int) -> tuple[bytes, int]:
         ctype = "application/cloudevents-batch+json"
     length = len(body % _seq_values(0, batch))
     head = (
-        f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+        f"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n{AUTH_LINE}"
         f"Content-Length: {length}\r\n\r\n"
     )
     return (head + body).encode(), batch
@@ -219,6 +233,23 @@ def run_phase(port, batch, clients, connections, seconds, watch, warmup=2.0):
     }
 
 
+def measure_auth(settings, issuer: LocalIssuer, rounds: int = 20_000) -> dict[str, float]:
+    """Microseconds per check: a new token (JWKS already cached), and a repeated one."""
+    verifier = TokenVerifier.for_settings(settings)
+    verifier.verify(issuer.mint("warm-up", ()))  # fetches the JWKS once
+    fresh = [issuer.mint(f"caller-{i}", ()) for i in range(200)]
+    started = time.perf_counter()
+    for token in fresh:
+        verifier.verify(token)
+    first = (time.perf_counter() - started) / len(fresh) * 1e6
+    token = fresh[0]
+    started = time.perf_counter()
+    for _ in range(rounds):
+        verifier.cached(token)
+    repeated = (time.perf_counter() - started) / rounds * 1e6
+    return {"new token (RS256 verify)": first, "repeated token (cache)": repeated}
+
+
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cpu = "?"
@@ -249,6 +280,7 @@ def main() -> int:
         action="store_true",
         help="also serve bench/baseline (validate, no Kafka) with the same settings and load",
     )
+    ap.add_argument("--no-auth", action="store_true", help="INGEST_AUTH=disabled")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep-log", action="store_true", help="print the function's log path")
     args = ap.parse_args()
@@ -271,6 +303,27 @@ def main() -> int:
         | ({"ingest_linger_ms": args.linger} if args.linger is not None else {})
     )
     ensure_topics(settings)
+    issuer = None
+    auth_costs: dict[str, float] = {}
+    if args.no_auth:
+        settings = settings.model_copy(update={"ingest_auth": "disabled"})
+    else:
+        global AUTH_LINE
+        issuer = LocalIssuer().serve()
+        settings = settings.model_copy(
+            update={
+                "ingest_auth": "required", "ingest_source_policy": POLICY,
+                "auth_issuer": issuer.url, "auth_jwks_url": issuer.jwks_url,
+            }
+        )  # fmt: skip
+        token = issuer.mint("service-account-openg2p-registry", (), azp="openg2p-registry")
+        AUTH_LINE = f"Authorization: Bearer {token}\r\n"
+        auth_costs = measure_auth(settings, issuer)
+        print(
+            "authentication, per request: "
+            + ", ".join(f"{k} {v:.1f} µs" for k, v in auth_costs.items()),
+            flush=True,
+        )
     fn = LocalFunction("ingest", "ingest", settings, workdir, workers=args.workers)
     fn.start()
     results: list[dict] = []
@@ -315,6 +368,14 @@ def main() -> int:
             print(f"function log: {fn.log_path}")
         if kafka is not None:
             kafka.stop()
+        if issuer is not None:
+            issuer.stop()
+    if auth_costs:
+        print("\n| authentication | µs per request |")
+        print("| --- | --- |")
+        for k, v in auth_costs.items():
+            print(f"| {k} | {v:.1f} |")
+    print(f"\ntokens: {'off (INGEST_AUTH=disabled)' if args.no_auth else 'on'}")
     print("\n| phase | connections | requests/s | events/s | p50 ms | p99 ms | non-202 | CPU |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:

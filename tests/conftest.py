@@ -70,7 +70,13 @@ def _new_database(base_settings: Settings, server: LocalPostgres | None, name: s
 
 @pytest.fixture(scope="module")
 def settings(request, base_settings, bootstrap_servers, postgres_server) -> Settings:
-    """Settings for this module: its own topics and its own database."""
+    """Settings for this module: its own topics and its own database.
+
+    Tokens are off here, explicitly (and logged at WARNING by each function):
+    these modules test what happens to events; test_ingest_auth,
+    test_writer_auth and test_pipeline_auth turn tokens on and test who may
+    send them.
+    """
     tag = _module_tag(request)
     database_url = _new_database(base_settings, postgres_server, f"t_{tag}")
     return base_settings.model_copy(
@@ -83,6 +89,8 @@ def settings(request, base_settings, bootstrap_servers, postgres_server) -> Sett
             "kafka_consumer_group": f"t.{tag}.group",
             "database_url": database_url,
             "db_host": None,
+            "ingest_auth": "disabled",
+            "writer_auth": "disabled",
         }
     )
 

@@ -37,6 +37,7 @@ class Load:
     threads: int = 4
     give_up_after: float = 90.0
     prefix: str = field(default_factory=lambda: f"f-{uuid.uuid4().hex[:8]}")
+    token: str | None = None  # the emitter's bearer token, where ingest requires one
     acked: set[str] = field(default_factory=set)
     refused: dict[str, int] = field(default_factory=dict)
     answers: Counter = field(default_factory=Counter)
@@ -86,10 +87,13 @@ class Load:
                 return
             self._pace(len(ids))
             body = json.dumps([audit_event(i) for i in ids])
+            headers = dict(BATCH)
+            if self.token is not None:
+                headers["Authorization"] = f"Bearer {self.token}"
             while time.monotonic() - self._started < self.give_up_after:
                 try:
                     reply = http.request(
-                        "POST", self.url + "/", body=body, headers=BATCH, timeout=10.0
+                        "POST", self.url + "/", body=body, headers=headers, timeout=10.0
                     )
                     status: int | str = reply.status
                 except urllib3.exceptions.HTTPError as exc:

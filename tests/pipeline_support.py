@@ -36,11 +36,16 @@ def module_manifests(
     directory: Path,
     delivery: dict[str, Any] | None = None,
     env: dict[str, dict[str, str]] | None = None,
+    ingest_auth: bool = False,
 ) -> Path:
     """knative/base with this module's topics and group.
 
     `delivery` patches the KafkaSource's delivery; `env[service]` sets container env of
     that Knative Service (the benchmarks tune WORKERS and THREADS this way).
+    Unless `ingest_auth`, ingest takes events without a token (INGEST_AUTH=disabled):
+    the modules that post to it directly test what becomes of events, and
+    test_pipeline_auth tests who may send them. The writer keeps its check either
+    way, so every pipeline test goes through the runner's delivery tokens.
     """
     names = {
         "openg2p.audit.events": settings.kafka_events_topic,
@@ -52,6 +57,9 @@ def module_manifests(
         text = path.read_text()
         for deployed, local in names.items():
             text = text.replace(deployed, local)
+        if not ingest_auth and path.name == "configmap.yaml":
+            assert "\n  INGEST_AUTH: required\n" in text
+            text = text.replace("\n  INGEST_AUTH: required\n", "\n  INGEST_AUTH: disabled\n")
         doc = yaml.safe_load(text) if path.suffix == ".yaml" else None
         if delivery and path.name == "kafkasource.yaml":
             doc["spec"]["delivery"].update(delivery)
@@ -67,7 +75,10 @@ def module_manifests(
 
 
 def start_pipeline(settings: Settings, workdir: Path, **kw: Any) -> Runner:
-    manifests = module_manifests(settings, workdir / "manifests", kw.pop("delivery", None))
+    manifests = module_manifests(
+        settings, workdir / "manifests", kw.pop("delivery", None),
+        ingest_auth=kw.pop("ingest_auth", False),
+    )  # fmt: skip
     runner = Runner(
         manifests, settings, workdir=workdir, schedule_pings=False, commit_interval=0.5, **kw
     )

@@ -35,10 +35,17 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
 RETRY_BUDGET = {"retry": 4, "backoffPolicy": "exponential", "backoffDelay": "PT0.5S"}
 
 
+def emitter(pipeline) -> str:
+    """The registry's token: ingest requires one, as knative/base has it."""
+    return pipeline.issuer.mint("service-account-openg2p-registry", (), azp="openg2p-registry")
+
+
 @pytest.fixture(scope="module")
 def pipeline(settings, tmp_path_factory):
     ensure_topics(settings)
-    runner = start_pipeline(settings, tmp_path_factory.mktemp("faults"), delivery=RETRY_BUDGET)
+    runner = start_pipeline(
+        settings, tmp_path_factory.mktemp("faults"), delivery=RETRY_BUDGET, ingest_auth=True
+    )
     yield runner
     runner.stop()
 
@@ -78,7 +85,9 @@ def test_postgresql_outage_longer_than_the_retry_budget(
 ):
     if postgres_server is None:
         pytest.skip("the database is configured externally; this case stops the local server")
-    load = Load(pipeline.service_url(INGEST), total=600, batch=10, rate=100).start()
+    load = Load(
+        pipeline.service_url(INGEST), token=emitter(pipeline), total=600, batch=10, rate=100
+    ).start()
     time.sleep(0.5)
     postgres_server.stop()
     try:
@@ -93,7 +102,9 @@ def test_postgresql_outage_longer_than_the_retry_budget(
 
 
 def test_writer_killed_mid_load(pipeline, settings, report):
-    load = Load(pipeline.service_url(INGEST), total=2000, batch=10, rate=400).start()
+    load = Load(
+        pipeline.service_url(INGEST), token=emitter(pipeline), total=2000, batch=10, rate=400
+    ).start()
     time.sleep(1.5)
     pipeline.kill_service(WRITER)
     time.sleep(1.0)
@@ -108,7 +119,9 @@ def test_writer_killed_mid_load(pipeline, settings, report):
 def test_kafka_broker_restart_mid_load(pipeline, settings, kafka_broker, report):
     if kafka_broker is None:
         pytest.skip("Kafka is configured externally; this case restarts the local broker")
-    load = Load(pipeline.service_url(INGEST), total=1500, batch=10, rate=150).start()
+    load = Load(
+        pipeline.service_url(INGEST), token=emitter(pipeline), total=1500, batch=10, rate=150
+    ).start()
     time.sleep(2.0)
     stopping = time.monotonic()
     kafka_broker.stop()
@@ -127,7 +140,14 @@ def test_kafka_broker_restart_mid_load(pipeline, settings, kafka_broker, report)
 
 
 def test_ingest_sigterm_drains(pipeline, settings, report):
-    load = Load(pipeline.service_url(INGEST), total=1500, batch=10, rate=300, threads=8).start()
+    load = Load(
+        pipeline.service_url(INGEST),
+        token=emitter(pipeline),
+        total=1500,
+        batch=10,
+        rate=300,
+        threads=8,
+    ).start()
     time.sleep(1.5)
     pipeline.stop_service(INGEST)  # SIGTERM: finish in-flight requests, flush, exit
     pipeline.start_service(INGEST)
@@ -136,7 +156,9 @@ def test_ingest_sigterm_drains(pipeline, settings, report):
 
 
 def test_redelivery_and_replay_from_zero_add_no_rows(pipeline, settings, pg, report):
-    load = Load(pipeline.service_url(INGEST), total=300, batch=10, rate=300).start()
+    load = Load(
+        pipeline.service_url(INGEST), token=emitter(pipeline), total=300, batch=10, rate=300
+    ).start()
     account(settings, load, "redelivery (first delivery)", report)
     before = pg.run("SELECT count(*) FROM audit_events")[0][0]
 

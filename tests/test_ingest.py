@@ -17,9 +17,11 @@ import pytest
 from cloudevents.conversion import to_binary, to_structured
 from cloudevents.http import CloudEvent
 
-from ingest_support import end_offsets, read_topic, request
+from ingest_support import end_offsets, read_topic
+from ingest_support import request as _request
 from openg2p_audit import kafka_binding
 from openg2p_audit.devservices import LocalFunction
+from openg2p_audit.devservices.issuer import LocalIssuer
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -62,13 +64,36 @@ def event(**over):
     return base
 
 
+# Tokens on, as deployed: every POST of this module comes from one caller the policy lets
+# use any source (who may use which source is test_ingest_auth's subject).
+ISSUER = LocalIssuer()
+POLICY = 'callers:\n  ingest-tests:\n    sources: ["*"]\n'
+TOKEN: dict[str, str] = {}
+
+
+def request(url, path, body=None, headers=None, method="POST", **kw):
+    """A POST carries the module's caller token (unless the test sends its own)."""
+    if method == "POST" and TOKEN:
+        headers = {"Authorization": f"Bearer {TOKEN['value']}", **(headers or {})}
+    return _request(url, path, body, headers, method=method, **kw)
+
+
 @pytest.fixture(scope="module")
 def fn(topics, tmp_path_factory):
-    settings = topics.model_copy(update=LIMITS)
+    ISSUER.serve()
+    TOKEN["value"] = ISSUER.mint("ingest-tests", ())
+    settings = topics.model_copy(
+        update={
+            **LIMITS, "ingest_auth": "required", "ingest_source_policy": POLICY,
+            "auth_issuer": ISSUER.url, "auth_jwks_url": ISSUER.jwks_url,
+        }
+    )  # fmt: skip
     server = LocalFunction("ingest", "ingest", settings, tmp_path_factory.mktemp("ingest"))
     server.start()
     yield server
     server.stop()
+    TOKEN.clear()
+    ISSUER.stop()
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +157,12 @@ def test_binary_mode_from_the_cloudevents_sdk(fn, landed):
     assert value["changes"] == [{"field": "phone", "old": "+2581", "new": "+2582"}]
     assert value["resource"]["program_id"] == "p-1"
     back = kafka_binding.decode(record.headers, record.key, record.value)
-    assert back.trace_id == TRACE_ID and back.extensions == {"tenant": "moz"}
+    assert back.trace_id == TRACE_ID
+    # the emitter's extension, and ingest's authcontext for the caller
+    assert back.extensions == {
+        "tenant": "moz", "authtype": "user", "authid": "ingest-tests",
+        "authclaims": json.dumps({"iss": ISSUER.url}, separators=(",", ":")),
+    }  # fmt: skip
 
 
 def test_binary_mode_as_a_knative_broker_trigger_delivers_it(fn, landed):

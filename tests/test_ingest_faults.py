@@ -14,8 +14,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ingest_support import read_topic, request
+from ingest_support import read_topic
+from ingest_support import request as _request
 from openg2p_audit.devservices import LocalFunction, LocalKafka
+from openg2p_audit.devservices.issuer import LocalIssuer
 from openg2p_audit.topics import ensure_topics
 
 pytestmark = pytest.mark.faults
@@ -25,6 +27,37 @@ BATCH = {"Content-Type": "application/cloudevents-batch+json"}
 # The promise: a refusal arrives within 2 s. The function's own bound (the ack
 # timeout, 1.5 s by default) is tighter; the rest is slack for a busy machine.
 BOUND_SECONDS = 2.0
+
+
+# Tokens on, as deployed: one caller whose policy entry allows the events posted here.
+ISSUER = LocalIssuer()
+POLICY = 'callers:\n  fault-tests:\n    sources: ["/openg2p/registry"]\n'
+TOKEN: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def issuer():
+    ISSUER.serve()
+    TOKEN["Authorization"] = f"Bearer {ISSUER.mint('fault-tests', ())}"
+    yield ISSUER
+    TOKEN.clear()
+    ISSUER.stop()
+
+
+def with_tokens(settings):
+    return settings.model_copy(
+        update={
+            "ingest_auth": "required", "ingest_source_policy": POLICY,
+            "auth_issuer": ISSUER.url, "auth_jwks_url": ISSUER.jwks_url,
+        }
+    )  # fmt: skip
+
+
+def request(url, path, body=None, headers=None, method="POST", **kw):
+    """A POST carries the caller's token."""
+    if method == "POST":
+        headers = {**TOKEN, **(headers or {})}
+    return _request(url, path, body, headers, method=method, **kw)
 
 
 def event(**over):
@@ -66,7 +99,7 @@ def own_kafka(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fault_settings(settings, own_kafka):
-    s = settings.model_copy(update={"kafka_bootstrap_servers": own_kafka.bootstrap})
+    s = with_tokens(settings).model_copy(update={"kafka_bootstrap_servers": own_kafka.bootstrap})
     ensure_topics(s)
     return s
 
@@ -183,14 +216,14 @@ class Load:
 def request_on(conn: http.client.HTTPConnection, body, headers) -> int:
     import json
 
-    conn.request("POST", "/", body=json.dumps(body), headers=headers)
+    conn.request("POST", "/", body=json.dumps(body), headers={**TOKEN, **headers})
     resp = conn.getresponse()
     resp.read()
     return resp.status
 
 
 def test_sigterm_during_load_loses_nothing_that_was_answered_202(topics, tmp_path):
-    fn = LocalFunction("ingest", "ingest", topics, tmp_path, workers=2).start()
+    fn = LocalFunction("ingest", "ingest", with_tokens(topics), tmp_path, workers=2).start()
     try:
         load = Load(fn.url, threads=12, deadline=time.monotonic() + 60)
         for t in load.threads:

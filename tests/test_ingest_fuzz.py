@@ -6,11 +6,14 @@ docs/audit-event.schema.json), made by hypothesis-jsonschema, then mutated:
 required fields dropped, wrong types, U+0000, lone surrogates, deep nesting,
 huge strings and numbers, duplicate keys, odd times, odd header values,
 non-UTF-8 bytes, random content types and random bodies. They are sent in
-every content mode and on the audit manager's paths.
+every content mode and on the audit manager's paths. Tokens are on, as
+deployed: most requests carry a valid caller's token, and the Authorization
+header is fuzzed too (forged tokens, random bytes, other schemes), where
+anything but a valid token must be a 401 with WWW-Authenticate.
 
 Every answer must keep the promises of the README and the OpenAPI document:
 never a 5xx (the broker is up, so not even a 503), every refusal is a JSON
-object with `error` (and `problems` for 400/413/415), every 202 lists one id
+object with `error` (and `problems` for 400/403/413/415), every 202 lists one id
 per event sent. At the end the topic must hold exactly the events answered
 202, each as many times as it was accepted: no refused event leaks to Kafka.
 
@@ -37,8 +40,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
+from auth_support import forged
 from ingest_support import read_topic, request
 from openg2p_audit.devservices import LocalFunction
+from openg2p_audit.devservices.issuer import LocalIssuer
 
 DOCS = Path(__file__).parents[1] / "docs"
 OPENAPI = yaml.safe_load((DOCS / "ingest.openapi.yaml").read_text())
@@ -369,10 +374,31 @@ def ledger() -> Ledger:
     return Ledger()
 
 
+# The fuzzing caller may use any source: what is fuzzed here is the surface, and the
+# source policy has its own tests (test_ingest_auth).
+POLICY = 'callers:\n  fuzzer:\n    sources: ["*"]\n'
+ISSUER = LocalIssuer()
+GOOD = {"Authorization": ""}  # filled in once the issuer serves its JWKS
+FORGED_TOKENS: dict[str, str] = {}  # likewise
+
+
 @pytest.fixture(scope="module")
-def fn(topics, tmp_path_factory, ledger):
+def issuer():
+    ISSUER.serve()
+    GOOD["Authorization"] = f"Bearer {ISSUER.mint('fuzzer', ())}"
+    FORGED_TOKENS.update(forged(ISSUER))
+    yield ISSUER
+    ISSUER.stop()
+
+
+@pytest.fixture(scope="module")
+def fn(topics, tmp_path_factory, ledger, issuer):
+    update = {
+        **LIMITS, "ingest_auth": "required", "ingest_source_policy": POLICY,
+        "auth_issuer": issuer.url, "auth_jwks_url": issuer.jwks_url,
+    }  # fmt: skip
     server = LocalFunction(
-        "ingest", "ingest", topics.model_copy(update=LIMITS), tmp_path_factory.mktemp("fuzz")
+        "ingest", "ingest", topics.model_copy(update=update), tmp_path_factory.mktemp("fuzz")
     )
     server.start()
     started = time.monotonic()
@@ -388,6 +414,10 @@ def fn(topics, tmp_path_factory, ledger):
 def send(fn, ledger: Ledger, kind: str, path: str, body: bytes, headers: dict, events=None):
     """POST and check the answer against the published promises; returns the reply."""
     ledger.sent[kind] += 1
+    headers = {**GOOD, **headers}  # a caller's valid token unless the test sends another
+    if headers["Authorization"] is None:
+        del headers["Authorization"]
+    authorised = headers.get("Authorization") == GOOD["Authorization"]
     try:
         method = headers.pop(":method", "POST")
         reply = request(fn.url, path, body, headers, method=method)
@@ -402,6 +432,15 @@ def send(fn, ledger: Ledger, kind: str, path: str, body: bytes, headers: dict, e
         return reply
     where = f"{kind} {path} {headers!r} {body[:300]!r}"
     assert reply.status < 500, f"{reply.status} {reply.body[:500]!r} for {where}"
+    posted = method == "POST" and path.rstrip("/") in ("", LEGACY, LEGACY_BATCH)
+    if posted and not authorised:
+        assert reply.status == 401, f"{reply.status} without a valid token: {where}"
+        assert reply.headers["www-authenticate"].startswith('Bearer realm="openg2p-audit"')
+        assert reply.json == {
+            "error": "unauthorized",
+            "message": "a valid bearer token is required",
+        }
+        return reply
     if reply.status == 202:
         assert reply.headers["content-type"] == "application/json", where
         answer = reply.json
@@ -416,6 +455,7 @@ def send(fn, ledger: Ledger, kind: str, path: str, body: bytes, headers: dict, e
     assert reply.headers.get("content-type") == "application/json", f"{reply.headers} {where}"
     answer = json.loads(reply.body.decode("utf-8"))
     assert isinstance(answer, dict) and isinstance(answer.get("error"), str), where
+    assert reply.status not in (401, 403), f"{reply.status} for a valid caller: {where}"
     if reply.status in (400, 413, 415):
         problems = answer["problems"]
         assert isinstance(problems, list) and problems, where
@@ -569,9 +609,12 @@ media_types = st.one_of(
         st.sampled_from([b"", b"{}", b"[]", b"[{}]", b"null", b'{"events": {}}', b"[" * 5000]),
     ),
     ce=st.booleans(),
+    auth=st.one_of(st.none(), st.just("good"), st.just("good"), st.just("good")),
 )
-def test_random_requests(fn, ledger, path, method, media, body, ce):
+def test_random_requests(fn, ledger, path, method, media, body, ce, auth):
     headers: dict[str, Any] = {":method": method}
+    if auth is None:
+        headers["Authorization"] = None
     if media:
         headers["Content-Type"] = media.encode("latin-1")
     if ce:
@@ -579,6 +622,47 @@ def test_random_requests(fn, ledger, path, method, media, body, ce):
     reply = send(fn, ledger, "random", path, body, headers)
     if reply is not None and path.rstrip("/") in ("", LEGACY, LEGACY_BATCH):
         assert reply.status != 202 or body.strip().startswith((b"{", b"[")), body[:200]
+
+
+# -- strategy 4: the Authorization header --------------------------------------------
+
+FORGED = sorted(forged(LocalIssuer("http://127.0.0.1:9/issuer")))  # the names only
+
+
+@st.composite
+def authorization(draw) -> bytes | None:
+    """Anything but the caller's valid token: forged tokens, mangled ones, other schemes."""
+    kind = draw(st.sampled_from(["forged", "mangled", "scheme", "random", "missing", "dup"]))
+    good = GOOD["Authorization"].removeprefix("Bearer ")
+    if kind == "forged":
+        return f"Bearer {FORGED_TOKENS[draw(st.sampled_from(FORGED))]}".encode()
+    if kind == "mangled":
+        # Not the last character of a segment: base64url's final character carries unused
+        # bits, so changing it may leave the decoded bytes (and the signature) intact.
+        inner = [j for j in range(len(good) - 1) if good[j + 1] != "." and good[j] != "."]
+        i = draw(st.sampled_from(inner))
+        swap = draw(st.sampled_from("AZaz09-_."))
+        mangled = good[:i] + (swap if good[i] != swap else "Q") + good[i + 1 :]
+        return f"Bearer {mangled}".encode()
+    if kind == "scheme":
+        scheme = draw(st.sampled_from(["Basic", "Token", "JWT", "Bearer:", "", "Bearer\t"]))
+        return f"{scheme} {good}".encode()
+    if kind == "random":
+        return b"Bearer " + draw(header_value)
+    if kind == "dup":
+        return f"Bearer {good} {good}".encode()
+    return None
+
+
+@fuzz(300)
+@given(auth=authorization(), event=mutated(QUICK), data=st.data())
+def test_authorization_header(fn, ledger, auth, event, data):
+    path, media = data.draw(
+        st.sampled_from([("/", STRUCTURED), (LEGACY, "application/json"), ("/", BATCH)])
+    )
+    value = [event] if media == BATCH else event
+    body = data.draw(encoded(value))
+    send(fn, ledger, "auth", path, body, {"Content-Type": media, "Authorization": auth})
 
 
 # -- nothing refused reached the topic ----------------------------------------------

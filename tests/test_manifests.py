@@ -12,6 +12,7 @@ ConfigMap that the settings object accepts.
 from __future__ import annotations
 
 import ast
+import json
 import zoneinfo
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +21,7 @@ import yaml
 from pydantic import TypeAdapter
 
 from manifest_checks import KNATIVE, REPO, objects, one, render, validation_errors
+from openg2p_audit.policy import SourcePolicy
 from openg2p_audit.settings import Settings, load_settings
 
 BASE = "base"
@@ -50,6 +52,7 @@ NOT_IN_CONFIGMAP = {
     "DB_PASSWORD": "comes from the Secret audit-db",
     "DATABASE_URL": "would carry the password; the DB_* variables are used instead",
     "QUERY_CURSOR_SECRET": "comes from the Secret audit-query",
+    "INGEST_SOURCE_POLICY_FILE": "the policy is the ConfigMap's INGEST_SOURCE_POLICY",
 }
 
 KEDA = "autoscaling.eventing.knative.dev"
@@ -327,6 +330,21 @@ def test_production_keeps_ingest_warm():
     assert int(notes["autoscaling.knative.dev/min-scale"]) >= 1
 
 
+@pytest.mark.parametrize("path", RENDERED)
+def test_tokens_are_required_with_an_issuer_and_a_valid_policy(path):
+    data = one(path, "ConfigMap", "audit-settings")["data"]
+    assert data["INGEST_AUTH"] == "required" and data["WRITER_AUTH"] == "required"
+    assert data["AUTH_ISSUER"] and data["AUTH_JWKS_URL"]
+    policy = SourcePolicy.parse(data["INGEST_SOURCE_POLICY"])
+    assert policy.check({"azp": "openg2p-registry"}, "/openg2p/registry", "x").allowed
+    assert not policy.check({"azp": "openg2p-registry"}, "/openg2p/payments", "x").allowed
+
+
+def test_production_pins_tokens_on_in_its_own_patch():
+    text = (KNATIVE / PRODUCTION / "kustomization.yaml").read_text()
+    assert "INGEST_AUTH: required" in text and "WRITER_AUTH: required" in text
+
+
 def test_production_does_not_deploy_the_placeholder_secrets():
     assert objects(PRODUCTION, "Secret") == []
     assert one(QUIET, "Secret", "audit-db")["stringData"]["DB_PASSWORD"]
@@ -370,7 +388,11 @@ def test_kafkasource_reads_the_events_topic_from_the_start(path):
     assert spec["topics"] == ["openg2p.audit.events"] == [data["KAFKA_EVENTS_TOPIC"]]
     assert spec["bootstrapServers"] == data["KAFKA_BOOTSTRAP_SERVERS"].split(",")
     assert spec["initialOffset"] == "earliest"
-    assert spec["sink"] == {"ref": {**SERVICE_REF, "name": "audit-writer"}}
+    # Knative's OIDC feature: the token of each delivery is for the audience the writer checks.
+    assert spec["sink"] == {
+        "audience": data["WRITER_AUTH_AUDIENCE"],
+        "ref": {**SERVICE_REF, "name": "audit-writer"},
+    }
 
 
 @pytest.mark.parametrize("path", RENDERED)
@@ -421,7 +443,15 @@ def test_broker_is_durable_and_its_trigger_feeds_ingest_unfiltered(path):
     assert broker["metadata"]["annotations"]["eventing.knative.dev/broker.class"] == "Kafka"
     spec = one(path, "Trigger", "audit-to-ingest")["spec"]
     assert spec["broker"] == "audit"
-    assert spec["subscriber"] == {"ref": {**SERVICE_REF, "name": "audit-ingest"}}
+    data = _settings_env()
+    assert spec["subscriber"] == {
+        "audience": data["AUTH_AUDIENCE"],
+        "ref": {**SERVICE_REF, "name": "audit-ingest"},
+    }
+    # ingest trusts the cluster's service-account issuer (which signs Knative's OIDC tokens)
+    # for that audience
+    trusted = json.loads(data["AUTH_TRUSTED_ISSUERS"])
+    assert any(i["audience"] == data["AUTH_AUDIENCE"] for i in trusted)
     assert "filter" not in spec and "filters" not in spec
 
 

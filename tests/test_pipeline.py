@@ -43,13 +43,17 @@ def end_offsets_of(settings) -> dict[int, int]:
 @pytest.fixture(scope="module")
 def pipeline(settings, tmp_path_factory):
     ensure_topics(settings)
-    runner = start_pipeline(settings, tmp_path_factory.mktemp("pipeline"))
+    runner = start_pipeline(settings, tmp_path_factory.mktemp("pipeline"), ingest_auth=True)
     yield runner
     runner.stop()
 
 
 def _ingest(pipeline, path: str, body, headers: dict[str, str]):
-    return request(pipeline.service_url(INGEST), path, body, headers)
+    """As the registry's service, with its token (tokens on, as knative/base has them)."""
+    token = pipeline.issuer.mint("service-account-openg2p-registry", (), azp="openg2p-registry")
+    return request(
+        pipeline.service_url(INGEST), path, body, {**headers, "Authorization": f"Bearer {token}"}
+    )
 
 
 def _sdk_event(event: dict) -> CloudEvent:
@@ -248,15 +252,33 @@ def test_extension_attributes_land_in_the_row(pipeline, settings):
     assert records[go["id"]]["ce_note"] == NOTE
     assert records[python_sdk["id"]]["ce_note"] == NOTE
 
+    # Next to the emitter's own extensions, ingest's authcontext: who sent each event.
+    issuer = pipeline.issuer.url
+    direct = {
+        "authtype": "service_account",
+        "authid": "service-account-openg2p-registry",
+        "authclaims": json.dumps({"azp": "openg2p-registry", "iss": issuer}, separators=(",", ":")),
+    }
+    broker = {
+        "authtype": "service_account",
+        "authid": "system:serviceaccount:default:oidc-trigger-audit-to-ingest",
+        "authclaims": json.dumps({"iss": issuer}, separators=(",", ":")),
+    }
     [[details, trace_id]] = _details(settings, go["id"])
-    assert details == {"extensions": extensions}  # traceparent is the trace_id column
+    assert details == {"extensions": {**extensions, **direct}}  # traceparent: trace_id column
     assert trace_id == TRACEPARENT.split("-")[1]
-    assert _details(settings, python_sdk["id"]) == [[{"extensions": extensions}, None]]
+    assert _details(settings, python_sdk["id"]) == [
+        [{"extensions": {**extensions, **direct}}, None]
+    ]
     [[details, _]] = _details(settings, structured["id"])
     # Binary mode carries every attribute as text: an integer or boolean sent in structured
     # mode is stored as its CloudEvents canonical string.
     assert details == {
-        "extensions": {**extensions, "tracestate": "vendor=abc", "retries": "2", "pii": "true"}
-    }
-    assert _details(settings, via_broker["id"]) == [[{"extensions": extensions}, None]]
-    assert _details(settings, plain["id"]) == [[None, None]]  # nothing extra: NULL
+        "extensions": {**extensions, **direct, "tracestate": "vendor=abc", "retries": "2",
+                       "pii": "true"}
+    }  # fmt: skip
+    assert _details(settings, via_broker["id"]) == [
+        [{"extensions": {**extensions, **broker}}, None]
+    ]
+    # nothing extra but who sent it
+    assert _details(settings, plain["id"]) == [[{"extensions": direct}, None]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,8 +29,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_dev_up_prints_a_token_command_and_a_query_that_answers(topics, tmp_path):
+    """Tokens on everywhere, as knative/base has them: the printed curls work as printed."""
     settings = topics
-    manifests = module_manifests(settings, tmp_path / "manifests")
+    manifests = module_manifests(settings, tmp_path / "manifests", ingest_auth=True)
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
@@ -49,6 +51,17 @@ def test_dev_up_prints_a_token_command_and_a_query_that_answers(topics, tmp_path
         q = _lines(proc)
         service = _until(q, r"^\s+audit-query\s+http://127\.0\.0\.1:\d+", seen, 180)
         url = re.search(r"(http://127\.0\.0\.1:\d+)", service).group(1)
+        emitter = _until(q, r"^\s+TOKEN=\S+$", seen, 30).strip().removeprefix("TOKEN=")
+        ingest = re.search(r"(http://[^ ]+)", _until(q, r"curl -i http://", seen, 5)).group(1)
+        _until(q, r'-H "Authorization: Bearer \$TOKEN"', seen, 5)
+        body = shlex.split(_until(q, r"^\s+-d '", seen, 5).strip())[1].encode()
+        ce = {"Content-Type": "application/cloudevents+json"}
+        resp = http.request("POST", ingest, body=body, headers=ce)
+        assert resp.status == 401 and "WWW-Authenticate" in resp.headers
+        resp = http.request(
+            "POST", ingest, body=body, headers={**ce, "Authorization": f"Bearer {emitter}"}
+        )
+        assert resp.status == 202, resp.data
         token_line = _until(q, r"TOKEN=\$\(.* token --role audit\.read", seen, 30)
         _until(q, r"curl -H \"Authorization: Bearer \$TOKEN\"", seen, 5)
         query_line = _until(q, r"/v1/audit/events\?from=", seen, 5)

@@ -63,6 +63,11 @@ def test_openg2p_db_convention(monkeypatch):
         ("KAFKA_EVENTS_TOPIC", "bad topic name"),
         ("DATABASE_URL", "mysql://x@y/z"),
         ("DB_PORT", "99999"),
+        ("INGEST_AUTH", "off"),
+        ("WRITER_AUTH", "no"),
+        ("AUTH_TRUSTED_ISSUERS", "not json"),
+        ("AUTH_TRUSTED_ISSUERS", '[{"issuer": "https://k8s"}]'),
+        ("AUTH_TRUSTED_ISSUERS", '[{"issuer": "k8s", "jwks_url": "https://k/j", "audience": "a"}]'),
     ],
 )
 def test_invalid_value_names_the_variable(monkeypatch, var, value):

@@ -1,4 +1,8 @@
-"""The writer function over real HTTP, fed as a KafkaSource feeds it, into real PostgreSQL."""
+"""The writer function over real HTTP, fed as a KafkaSource feeds it, into real PostgreSQL.
+
+As deployed, the module's writer takes only deliveries with a token for its audience: every
+POST here carries one, as the KafkaSource's would (test_writer_auth tests the refusals).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from function_server import request
+from function_server import request as _request
 from kafkasource import binary_delivery, wrapped_delivery
 from openg2p_audit import store
 from openg2p_audit.contract import AuditEvent
 from openg2p_audit.devservices import LocalFunction
+from openg2p_audit.devservices.issuer import LocalIssuer
 from openg2p_audit.kafka_binding import encode
+
+# The cluster's service-account issuer, as far as this module's writer knows.
+ISSUER = LocalIssuer(audience="openg2p-audit-writer")
+SOURCE_SA = "system:serviceaccount:default:oidc-kafkasource-audit-events-to-writer"
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -41,6 +50,13 @@ def make_event(**overrides) -> AuditEvent:
     return AuditEvent.model_validate(raw)
 
 
+def request(url, method, path, body=None, headers=None, **kw):
+    """A POST carries the KafkaSource's delivery token; probes go without one."""
+    if method == "POST" and ISSUER.url is not None:
+        headers = {**(headers or {}), "Authorization": f"Bearer {ISSUER.mint(SOURCE_SA, ())}"}
+    return _request(url, method, path, body, headers, **kw)
+
+
 def deliver(server: LocalFunction, event: AuditEvent):
     headers, body = binary_delivery(encode(event))
     return request(server.url, "POST", "/", body, headers)
@@ -58,9 +74,20 @@ def rows(pg, *ids: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def writer(settings, tmp_path_factory):
-    server = LocalFunction("writer", "write", settings, tmp_path_factory.mktemp("writer"))
-    with server:
-        yield server
+    ISSUER.serve()
+    auth = settings.model_copy(
+        update={
+            "writer_auth": "required",
+            "auth_issuer": ISSUER.url,
+            "auth_jwks_url": ISSUER.jwks_url,
+        }
+    )
+    server = LocalFunction("writer", "write", auth, tmp_path_factory.mktemp("writer"))
+    try:
+        with server:
+            yield server
+    finally:
+        ISSUER.stop()
 
 
 def test_binary_deliveries_become_rows_with_every_column(writer, pg):

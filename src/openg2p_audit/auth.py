@@ -134,27 +134,100 @@ def roles_at(claims: Mapping[str, Any], paths: Iterable[str]) -> frozenset[str]:
     return frozenset(found)
 
 
-class TokenVerifier:
-    """Checks bearer tokens against one issuer, audience and set of algorithms."""
+@dataclass(frozen=True)
+class Issuer:
+    """One issuer a function trusts: its `iss`, where its keys are, and the audience required."""
 
-    def __init__(self, settings: Settings):
-        if not settings.auth_configured:
-            raise SettingsError(
-                "AUTH_ISSUER and AUTH_JWKS_URL are not set: point them at the OIDC issuer"
-            )
-        self.issuer: str = settings.auth_issuer  # type: ignore[assignment]
-        self.audience = settings.auth_audience
+    issuer: str
+    jwks_url: str
+    audience: str
+
+
+class TokenVerifier:
+    """Checks bearer tokens against the trusted issuers, each with its audience and keys.
+
+    A token's `iss` (read before the signature is checked) only picks which
+    issuer's keys and audience apply; PyJWT then checks `iss` again with the
+    signature, so a forged `iss` gains nothing. Verified tokens are remembered
+    until their `exp`: ingest sees the same service token on every request, and
+    an RSA verification (about 50 µs) would otherwise be paid each time.
+    """
+
+    def __init__(
+        self, settings: Settings, issuers: Iterable[Issuer] | None = None,
+        audience: str | None = None,
+    ):  # fmt: skip
+        if issuers is None:
+            if not settings.auth_configured:
+                raise SettingsError(
+                    "AUTH_ISSUER and AUTH_JWKS_URL are not set: point them at the OIDC issuer"
+                )
+            issuers = [Issuer(settings.auth_issuer, settings.auth_jwks_url, settings.auth_audience)]  # type: ignore[arg-type]
+        # `audience` replaces every issuer's own: the writer takes only tokens minted for it.
+        self.issuers = {
+            i.issuer: Issuer(i.issuer, i.jwks_url, audience or i.audience) for i in issuers
+        }
+        if not self.issuers:
+            raise SettingsError("no trusted token issuer: set AUTH_ISSUER and AUTH_JWKS_URL")
+        first = next(iter(self.issuers.values()))
+        self.issuer = first.issuer
+        self.audience = first.audience
         self.algorithms = settings.auth_algorithms.split(",")
         self.leeway = settings.auth_leeway_seconds
         self.role_paths = [p.strip() for p in settings.auth_role_claims.split(",") if p.strip()]
-        self.keys = JwksCache(settings.auth_jwks_url, settings.auth_jwks_cache_seconds)  # type: ignore[arg-type]
+        # Issuers sharing a JWKS URL share its cache (one fetch, one refresh budget).
+        caches: dict[str, JwksCache] = {}
+        for i in self.issuers.values():
+            if i.jwks_url not in caches:
+                caches[i.jwks_url] = JwksCache(i.jwks_url, settings.auth_jwks_cache_seconds)
+        self._keys = {name: caches[i.jwks_url] for name, i in self.issuers.items()}
+        self.keys = self._keys[first.issuer]
+        self.cache_size = settings.auth_token_cache_size
+        self._verified: dict[str, tuple[Principal, float]] = {}
+
+    @classmethod
+    def for_settings(cls, settings: Settings, audience: str | None = None) -> TokenVerifier:
+        """A verifier trusting AUTH_ISSUER and every issuer of AUTH_TRUSTED_ISSUERS."""
+        issuers = [Issuer(**entry) for entry in settings.trusted_issuers]
+        if not issuers:
+            raise SettingsError(
+                "no trusted token issuer: set AUTH_ISSUER and AUTH_JWKS_URL "
+                "(or AUTH_TRUSTED_ISSUERS)"
+            )
+        return cls(settings, issuers, audience)
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token verified before and not yet expired; never blocks."""
+        hit = self._verified.get(token)
+        if hit is None:
+            return None
+        if hit[1] <= time.time():
+            self._verified.pop(token, None)
+            return None
+        return hit[0]
+
+    def _remember(self, token: str, principal: Principal) -> None:
+        if self.cache_size <= 0:
+            return
+        exp = principal.claims.get("exp")
+        if not isinstance(exp, int | float):
+            return
+        if len(self._verified) >= self.cache_size:
+            # Dicts keep insertion order: dropping the oldest tenth is a cheap LRU stand-in.
+            for old in list(self._verified)[: max(1, self.cache_size // 10)]:
+                self._verified.pop(old, None)
+        self._verified[token] = (principal, float(exp))
 
     def verify(self, token: str) -> Principal:
         """The token's principal, or AuthError. Blocking: may fetch the JWKS."""
+        hit = self.cached(token) if token else None
+        if hit is not None:
+            return hit
         if not token or len(token) > MAX_TOKEN_BYTES:
             raise AuthError(401, "token empty or oversized")
         try:
             header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.DecodeError as exc:
             raise AuthError(401, f"malformed token: {exc}") from None
         alg, kid = header.get("alg"), header.get("kid")
@@ -162,8 +235,12 @@ class TokenVerifier:
             raise AuthError(401, f"algorithm {alg!r} not accepted")
         if not isinstance(kid, str) or not kid:
             raise AuthError(401, "token names no key id")
+        iss = unverified.get("iss")
+        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise AuthError(401, f"issuer {iss!r} not trusted")
         try:
-            key = self.keys.key(kid)
+            key = self._keys[issuer.issuer].key(kid)
         except JwksUnavailable as exc:
             raise AuthError(503, f"cannot check tokens: {exc}") from None
         if key is None:
@@ -173,8 +250,8 @@ class TokenVerifier:
                 token,
                 key,
                 algorithms=self.algorithms,
-                audience=self.audience,
-                issuer=self.issuer,
+                audience=issuer.audience,
+                issuer=issuer.issuer,
                 leeway=self.leeway,
                 options={"require": ["exp", "iss", "aud", "sub"]},
             )
@@ -183,7 +260,9 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise AuthError(401, "token has no subject")
-        return Principal(subject, roles_at(claims, self.role_paths), claims)
+        principal = Principal(subject, roles_at(claims, self.role_paths), claims)
+        self._remember(token, principal)
+        return principal
 
     def authorize(self, token: str | None, *roles: str) -> Principal:
         """The principal if the token is good and holds every one of `roles`."""
@@ -206,6 +285,11 @@ async def authenticate(
     """
     if token is None:
         token = bearer_token(request.headers.get("authorization"))
+    if token is not None and not roles:
+        # A token seen before is answered here: a hop to a thread costs more than the check.
+        hit = verifier.cached(token)
+        if hit is not None:
+            return hit
     try:
         return await asyncio.to_thread(verifier.authorize, token, *roles)
     except AuthError as exc:

@@ -48,13 +48,17 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+# The emitter dev up's printed token speaks for (a caller of knative/base's source policy).
+DEV_EMITTER = "openg2p-registry"
+
+
 def _sample_event() -> dict:
     from datetime import UTC, datetime
 
     return {
         "specversion": "1.0",
         "id": str(uuid.uuid4()),
-        "source": "/openg2p/dev-up",
+        "source": "/openg2p/registry",
         "type": "org.openg2p.audit.user.login",
         "subject": "user/dev",
         "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -90,9 +94,28 @@ def _print_dev_up(runner, live, cli: str) -> None:
     print(f"Kafka {live.kafka_bootstrap_servers}   PostgreSQL {live.database_dsn}")
     ingest = _function_service(runner, "ingest")
     if ingest:
+        from .eventing.services import container_env
+
         body = json.dumps(_sample_event(), separators=(",", ":"))
-        print("\nsend one audit event (structured mode) to ingest:")
+        env = container_env(runner.manifests.get("Service", ingest), runner.manifests)
+        tokens = env.get("INGEST_AUTH", "required") == "required"
+        if tokens:
+            # The registry's client as Keycloak would name it; the ConfigMap's source policy
+            # lets it emit under /openg2p/registry. Only this dev up trusts the issuer.
+            token = runner.issuer.mint(
+                f"service-account-{DEV_EMITTER}", (), lifetime=12 * 3600, azp=DEV_EMITTER
+            )
+            print(
+                f"\nsend one audit event (structured mode) to ingest as the emitter {DEV_EMITTER}"
+            )
+            print(f"(token from the local issuer {runner.issuer.url}; more with")
+            print(f"`{cli} token --emitter {DEV_EMITTER}`):")
+            print(f"  TOKEN={token}")
+        else:
+            print("\nsend one audit event (structured mode) to ingest (INGEST_AUTH=disabled):")
         print(f"  curl -i {runner.service_url(ingest)}/ \\")
+        if tokens:
+            print('    -H "Authorization: Bearer $TOKEN" \\')
         print("    -H 'Content-Type: application/cloudevents+json' \\")
         print(f"    -d '{body}'")
     print("\nsee it arrive: the runner logs a line when the writer answers 2xx, and")
@@ -403,6 +426,11 @@ def _cmd_token(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.emitter:
+        # What Keycloak's client-credentials grant gives a service: its client id in `azp`.
+        print(issuer.mint(f"service-account-{args.emitter}", (), lifetime=args.minutes * 60,
+                          azp=args.emitter))  # fmt: skip
+        return 0
     roles = tuple(args.role or ["audit.read"])
     print(issuer.mint(args.subject, roles, lifetime=args.minutes * 60))
     return 0
@@ -647,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--subject", default="dev-investigator", help="the token's subject")
     token.add_argument("--minutes", type=int, default=60, help="lifetime (default 60)")
+    token.add_argument(
+        "--emitter", metavar="CLIENT",
+        help="a service's token for ingest instead (azp=CLIENT, as the source policy names it)",
+    )  # fmt: skip
     token.set_defaults(func=_cmd_token)
 
     topics = sub.add_parser("topics", help="create or grow the events and DLQ topics")

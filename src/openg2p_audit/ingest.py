@@ -9,7 +9,12 @@ about input and never loses what it has accepted:
   index in a batch) and nothing of that request is produced: a batch is all
   or nothing;
 - when Kafka cannot take the events in time it answers 503 with Retry-After
-  within the ack timeout, never hanging and never dropping silently.
+  within the ack timeout, never hanging and never dropping silently;
+- unless INGEST_AUTH=disabled, a caller without a valid bearer token gets 401
+  before its body is read, an event outside the caller's sources (the source
+  policy) gets 403, and each accepted event carries the caller's identity in
+  the CloudEvents authcontext extension, which only ingest may set: an audit
+  trail anyone can write under any name proves nothing.
 
 It routes by path itself because one functions-framework target serves the
 CloudEvents endpoint (`/`, where a Knative Broker Trigger also delivers), the
@@ -38,10 +43,12 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from .auth import AuthError, Principal, TokenVerifier, bearer_token, refusal
 from .contract import AuditEvent, Limits, Problem, check_event
 from .http_binding import BATCH, STRUCTURED, binary_attributes, is_binary, media_type
 from .kafka_binding import KafkaRecord, encode
 from .observability import configure_logging, metrics_response
+from .policy import SourcePolicy, dumps_claims
 from .producer import Unavailable, producer_for
 from .settings import SettingsError, load_settings
 
@@ -58,6 +65,21 @@ LIMITS = Limits(
     retention_months=SETTINGS.retention_months,
     max_clock_skew_seconds=SETTINGS.ingest_max_clock_skew_seconds,
 )
+
+# Authentication: a verifier for every trusted issuer and the source policy, or neither
+# when INGEST_AUTH=disabled (said loudly: anyone who reaches ingest can then forge events).
+if SETTINGS.ingest_auth == "required":
+    VERIFIER: TokenVerifier | None = TokenVerifier.for_settings(SETTINGS)
+    POLICY: SourcePolicy | None = SourcePolicy.from_settings(SETTINGS)
+else:
+    VERIFIER = POLICY = None
+    log.warning(
+        "INGEST_AUTH=disabled: ingest accepts events from anyone under any source; "
+        "never run a deployment like this"
+    )
+AUTH_CLAIMS = [c.strip() for c in SETTINGS.ingest_auth_claims.split(",") if c.strip()]
+# The CloudEvents authcontext extension: set by ingest only, never taken from an emitter.
+AUTHCONTEXT = ("authtype", "authid", "authclaims")
 
 JSON_TYPES = frozenset({"application/json", STRUCTURED})
 
@@ -331,9 +353,74 @@ def _trace_id(events: list[AuditEvent], request: Request) -> str | None:
 Reader = Callable[[Request], Awaitable[tuple[list[AuditEvent], bool]]]
 
 
+async def _caller(request: Request) -> Principal | None:
+    """The verified caller (None when auth is disabled); AuthError when refused.
+
+    Checked before the body is read, so a caller without a valid token cannot
+    make ingest parse (or hold) a megabyte batch.
+    """
+    if VERIFIER is None:
+        return None
+    token = bearer_token(request.headers.get("authorization"))
+    if token is not None:
+        hit = VERIFIER.cached(token)
+        if hit is not None:
+            return hit
+    try:
+        return await asyncio.to_thread(VERIFIER.authorize, token)
+    except AuthError as exc:
+        log.info("refused %s: %s", request.scope["path"], exc.reason, extra={"status": exc.status})
+        raise
+
+
+def _authorise(events: list[AuditEvent], batch: bool, caller: Principal | None) -> None:
+    """Refuse an emitter-made authcontext (400), and events outside the caller's sources (403);
+    then stamp each event with the caller's authcontext. All or nothing, as the batch."""
+    bad = [
+        Problem("authcontext", f"{name} is set by ingest from the caller's token; do not send it",
+                name, i if batch else None)
+        for i, e in enumerate(events) for name in AUTHCONTEXT if name in e.extensions
+    ]  # fmt: skip
+    if bad:
+        raise Rejected(400, bad, len(events))
+    if caller is None or POLICY is None:
+        return
+    claims = dict(caller.claims)
+    refused = []
+    for i, e in enumerate(events):
+        decision = POLICY.check(claims, e.source, e.type)
+        if not decision.allowed:
+            refused.append(Problem("forbidden", decision.reason, "source", i if batch else None))
+    if refused:
+        raise Rejected(403, refused, len(events))
+    context: dict[str, Any] = {"authtype": _auth_type(claims), "authid": caller.subject}
+    authclaims = dumps_claims(claims, AUTH_CLAIMS)
+    if authclaims is not None:
+        context["authclaims"] = authclaims
+    for e in events:
+        e.__pydantic_extra__.update(context)  # type: ignore[union-attr]
+
+
+def _auth_type(claims: dict[str, Any]) -> str:
+    """CloudEvents authcontext `authtype`: a workload's token, or a person's."""
+    sub, username = claims.get("sub", ""), claims.get("preferred_username")
+    if str(sub).startswith("system:serviceaccount:") or (
+        isinstance(username, str) and username.startswith("service-account-")
+    ):
+        return "service_account"
+    return "user"
+
+
 async def _accept(request: Request, reader: Reader) -> Response:
     try:
+        caller = await _caller(request)
+    except AuthError as exc:
+        response = refusal(exc)
+        response.headers["Connection"] = "close"  # the body is left unread
+        return response
+    try:
         events, batch = await reader(request)
+        _authorise(events, batch, caller)
         records = _encode_all(events, batch)
     except Rejected as exc:
         return _rejected(request, exc)
@@ -395,6 +482,8 @@ def _rejected(request: Request, exc: Rejected) -> Response:
     }
     if exc.status == 415:
         body["error"] = "unsupported media type"
+    elif exc.status == 403:
+        body["error"] = "forbidden"
     log.warning(
         "rejected a request with %d problem(s)",
         len(exc.problems),

@@ -9,8 +9,9 @@ nobody reads.
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, ValidationError, field_validator
@@ -23,6 +24,13 @@ TopicName = Annotated[str, Field(min_length=1, max_length=249, pattern=r"^[A-Za-
 ASYMMETRIC_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 )  # fmt: skip
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return value
 
 
 class SettingsError(SystemExit):
@@ -115,6 +123,25 @@ class Settings(BaseSettings):
     auth_algorithms: str = "RS256,ES256"
     auth_leeway_seconds: int = Field(30, ge=0, le=300)
     auth_jwks_cache_seconds: int = Field(300, ge=10, le=86_400)
+    # More issuers whose tokens ingest and the writer accept, as a JSON array of
+    # {"issuer", "jwks_url", "audience"}: the cluster's service-account issuer signs the
+    # tokens of Knative Eventing's OIDC feature and projected service-account tokens.
+    auth_trusted_issuers: str | None = None
+    # How many verified tokens a process remembers (until each one's `exp`).
+    auth_token_cache_size: int = Field(10_000, ge=0, le=1_000_000)
+
+    # Emitters (ingest) and deliveries (writer) need a token unless these say `disabled`,
+    # which is logged at WARNING at start: it leaves the audit trail open to forgery.
+    ingest_auth: Literal["required", "disabled"] = "required"
+    writer_auth: Literal["required", "disabled"] = "required"
+    # The audience a delivery's token must carry: the KafkaSource's `sink.audience`.
+    writer_auth_audience: str = Field("openg2p-audit-writer", min_length=1)
+    # Which `source`s (and `type` prefixes) each caller may emit under: YAML or JSON text
+    # (a ConfigMap key), or a file holding it. See policy.py.
+    ingest_source_policy: str | None = None
+    ingest_source_policy_file: str | None = None
+    # Claims of the caller's token copied into the `authclaims` extension of each event.
+    ingest_auth_claims: str = "iss,azp,client_id"
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -142,11 +169,27 @@ class Settings(BaseSettings):
     @field_validator("auth_issuer", "auth_jwks_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+    @field_validator("auth_trusted_issuers")
+    @classmethod
+    def _issuer_list(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http(s) URL")
+        try:
+            entries = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        keys = {"issuer", "jwks_url", "audience"}
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and set(e) == keys and all(isinstance(e[k], str) and e[k]
+                                                           for k in keys)
+            for e in entries
+        ):  # fmt: skip
+            raise ValueError('expected a JSON array of {"issuer", "jwks_url", "audience"}')
+        for e in entries:
+            _check_http_url(e["issuer"])
+            _check_http_url(e["jwks_url"])
         return value
 
     @field_validator("database_url")
@@ -170,6 +213,18 @@ class Settings(BaseSettings):
     @property
     def auth_configured(self) -> bool:
         return self.auth_issuer is not None and self.auth_jwks_url is not None
+
+    @property
+    def trusted_issuers(self) -> list[dict[str, str]]:
+        """The issuer of AUTH_ISSUER (if set) followed by those of AUTH_TRUSTED_ISSUERS."""
+        found = []
+        if self.auth_configured:
+            found.append(
+                {"issuer": self.auth_issuer, "jwks_url": self.auth_jwks_url,
+                 "audience": self.auth_audience}
+            )  # fmt: skip
+        found.extend(json.loads(self.auth_trusted_issuers or "[]"))
+        return found  # type: ignore[return-value]
 
     @property
     def bootstrap_servers(self) -> list[str]:

@@ -45,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import store
+from .auth import AuthError, TokenVerifier, bearer_token, refusal
 from .contract import AuditEvent
 from .http_binding import STRUCTURED, binary_attributes, media_type
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
@@ -413,6 +414,53 @@ def committer() -> GroupCommitter:
     return _committer
 
 
+_gate: tuple[TokenVerifier | None] | None = None
+
+
+def startup() -> None:
+    """Check the delivery-token settings when the server starts (functions/writer/main.py).
+
+    A writer that boots without a usable issuer would answer every delivery 401
+    and send the whole stream to the dead-letter topic; it must not boot.
+    """
+    delivery_verifier()
+
+
+def delivery_verifier() -> TokenVerifier | None:
+    """The check of the KafkaSource's OIDC tokens (audience WRITER_AUTH_AUDIENCE), or None
+    when WRITER_AUTH=disabled."""
+    global _gate
+    if _gate is None:
+        settings = load_settings()
+        if settings.writer_auth == "required":
+            _gate = (TokenVerifier.for_settings(settings, settings.writer_auth_audience),)
+        else:
+            configure_logging()
+            log.warning(
+                "WRITER_AUTH=disabled: the writer stores whatever is POSTed to it, "
+                "not only its KafkaSource's deliveries; never run a deployment like this"
+            )
+            _gate = (None,)
+    return _gate[0]
+
+
+async def _refused_delivery(request: Request) -> Response | None:
+    """None when the delivery carries a token minted for this writer; else the 401."""
+    verifier = delivery_verifier()
+    if verifier is None:
+        return None
+    token = bearer_token(request.headers.get("authorization"))
+    if token is not None and verifier.cached(token) is not None:
+        return None
+    try:
+        await asyncio.to_thread(verifier.authorize, token)
+    except AuthError as exc:
+        REJECTIONS.labels("unauthorized" if exc.status == 401 else "auth_unavailable").inc()
+        log.warning("refused a delivery: %s", exc.reason, extra={"status": exc.status})
+        return refusal(exc)
+    return None
+
+
 def _json(status: int, body: dict[str, Any], **headers: str) -> Response:
     # No `default=`: that would build a new encoder for every answer.
     return Response(json.dumps(body), status, headers, media_type="application/json")
@@ -454,6 +502,9 @@ async def write(request: Request) -> Response:
     if request.method != "POST":
         return _json(405, {"error": "method_not_allowed", "message": "deliveries are POSTed"})
 
+    refused = await _refused_delivery(request)
+    if refused is not None:
+        return refused
     not_ready = await _ensure_started(c)
     if not_ready is not None:
         return not_ready

@@ -28,6 +28,7 @@ import base64
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -92,11 +93,14 @@ def new_session(connections: int = 100, timeout: float = DEFAULT_TIMEOUT) -> aio
 
 
 async def post(
-    session: aiohttp.ClientSession, url: str, event: Event, *, namespace: str, structured: bool
-) -> Response:
+    session: aiohttp.ClientSession, url: str, event: Event, *, namespace: str, structured: bool,
+    token: str | None = None,
+) -> Response:  # fmt: skip
     headers, body = to_http_structured(event) if structured else to_http_binary(event)
     headers["Prefer"] = "reply"
     headers["Kn-Namespace"] = namespace
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
             data = await resp.read()
@@ -139,6 +143,9 @@ class Egress:
     namespace: str
     dead_letter: str | None = None
     on_dead_letter_failure: str = "retry"  # retry | commit
+    # Knative's OIDC feature: a token for the destination's audience on every attempt
+    # (not for the dead-letter sink, which is the runner's own endpoint).
+    token: Callable[[], str] | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     _log_second: int = field(default=0, repr=False)
     _log_count: int = field(default=0, repr=False)
@@ -160,7 +167,10 @@ class Egress:
         structured = self.delivery.format == "structured"
         retry = 0
         while True:
-            resp = await post(session, url, event, namespace=self.namespace, structured=structured)
+            token = self.token() if self.token is not None and url == self.destination else None
+            resp = await post(
+                session, url, event, namespace=self.namespace, structured=structured, token=token
+            )
             outcome.attempts += 1
             if resp.ok:
                 return resp

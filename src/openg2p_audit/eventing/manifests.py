@@ -67,6 +67,9 @@ class Destination:
 
     ref: Ref | None = None
     uri: str | None = None
+    # The OIDC audience of the destination: with Knative's `authentication-oidc` feature
+    # each delivery carries a token for it (the runner mints one from its local issuer).
+    audience: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,8 +208,8 @@ class Trigger(Resource):
 
 _COMMON_HONOURED = ("apiVersion", "kind", "metadata.name", "metadata.namespace")
 _COMMON_DEPLOYMENT = ("metadata.labels", "metadata.annotations")
-_DEST = ("ref.apiVersion", "ref.kind", "ref.name", "ref.namespace", "uri")
-_DEST_DEPLOYMENT = ("CACerts", "audience")
+_DEST = ("ref.apiVersion", "ref.kind", "ref.name", "ref.namespace", "uri", "audience")
+_DEST_DEPLOYMENT = ("CACerts",)
 _DELIVERY = (
     "retry",
     "backoffPolicy",
@@ -402,7 +405,10 @@ def _destination(node: Any, where: str) -> Destination:
         if not r.get("kind") or not r.get("name"):
             raise ManifestError(f"{where}.ref: needs kind and name")
         ref = Ref(r["kind"], r["name"], r.get("apiVersion", ""), r.get("namespace"))
-    return Destination(ref, node.get("uri"))
+    audience = node.get("audience")
+    if audience is not None and (not isinstance(audience, str) or not audience):
+        raise ManifestError(f"{where}.audience: must be a non-empty string")
+    return Destination(ref, node.get("uri"), audience)
 
 
 def _delivery(node: Any, where: str) -> Delivery | None:

@@ -14,7 +14,10 @@ The runner's own HTTP endpoint (`Runner.url`) serves:
 - `POST /kafkasources/<name>/redeliver?partition=P&start=S[&end=E][&topic=T]`;
 - `GET /status`: URLs, ports and delivery counters, as JSON;
 - `GET /healthz`;
-- `GET /issuer/...`: the local token issuer's JWKS, when one is given (`dev up`).
+- `GET /issuer/...`: the local token issuer's JWKS. Every Service trusts that
+  issuer in place of the cluster's, and a KafkaSource or Trigger whose sink
+  names an OIDC `audience` delivers with a token minted here for it, as Knative
+  Eventing does with its `authentication-oidc` feature on.
 
 Everything here talks to 127.0.0.1 only.
 """
@@ -25,6 +28,8 @@ import contextlib
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -91,8 +96,14 @@ class Runner:
         self.schedule_pings = schedule_pings
         self._service_ports = dict(service_ports or {})
         # A devservices.issuer.LocalIssuer: its JWKS is served here, and every Service
-        # trusts it (AUTH_ISSUER, AUTH_JWKS_URL) in place of the cluster's OIDC issuer.
-        self.issuer = issuer
+        # trusts it (AUTH_ISSUER, AUTH_JWKS_URL) in place of the cluster's OIDC issuer and
+        # service-account issuer. Without one given, the runner makes its own: the writer
+        # of the manifests takes only deliveries with a token, which someone must mint.
+        if issuer is None:
+            from ..devservices.issuer import LocalIssuer
+
+            issuer = LocalIssuer(audience=settings.auth_audience)
+        self.issuer: LocalIssuer = issuer
         # Per-Service env applied last (dev up: the query service's read-only role).
         self._service_env = {k: dict(v) for k, v in (service_env or {}).items()}
         self._port = port
@@ -150,16 +161,15 @@ class Runner:
         bootstrap = self.settings.bootstrap_servers
         try:
             self._start_server()
-            if self.issuer is not None:
-                self.issuer.url = f"{self.url}/issuer"
+            self.issuer.url = f"{self.url}/issuer"
             for svc in self.manifests.of(KService):
                 env = container_env(svc, self.manifests)
                 env["KAFKA_BOOTSTRAP_SERVERS"] = self.settings.kafka_bootstrap_servers or ""
                 if self.settings.database_configured:
                     env["DATABASE_URL"] = self._database_url()
-                if self.issuer is not None:
-                    env["AUTH_ISSUER"] = self.issuer.url
-                    env["AUTH_JWKS_URL"] = self.issuer.jwks_url
+                env["AUTH_ISSUER"] = self.issuer.url
+                env["AUTH_JWKS_URL"] = self.issuer.jwks_url
+                env["AUTH_TRUSTED_ISSUERS"] = ""  # the local issuer stands in for all
                 env.update(self._service_env.get(svc.name, {}))
                 self.services[svc.name] = ServiceProcess(
                     svc, env, repo_root=self.repo_root, log_dir=self.workdir / "logs",
@@ -227,6 +237,9 @@ class Runner:
             commit_interval=self.commit_interval,
             max_in_flight=self.max_in_flight,
         )
+        dispatcher.egress.token = self.oidc_token(
+            source.sink.audience, source.namespace, "kafkasource", name
+        )
         self.sources[name] = dispatcher.start()
         log.info("%s: %s %s -> %s (group %s, %s, retry %d, backoff %s %.3fs)",
                  source.key, ",".join(source.topics), "ordered" if dispatcher.ordered
@@ -260,7 +273,33 @@ class Runner:
                 on_dead_letter_failure=self.on_dead_letter_failure,
                 commit_interval=self.commit_interval,
             )  # fmt: skip
+            dispatcher.egress.token = self.oidc_token(
+                trigger.subscriber.audience, trigger.namespace, "trigger", trigger.name
+            )
             self.triggers[trigger.name] = dispatcher.start()
+
+    def oidc_token(
+        self, audience: str | None, namespace: str, kind: str, name: str
+    ) -> Callable[[], str] | None:
+        """What Knative Eventing's OIDC feature sends: a token of the source's own service
+        account, for the sink's audience. None when the manifest names no audience.
+
+        A token is reused until two minutes before it expires, as Knative caches its
+        tokens; the writer then pays its check once, not per delivery.
+        """
+        if audience is None:
+            return None
+        issuer = self.issuer
+        subject = f"system:serviceaccount:{namespace}:oidc-{kind}-{name}"
+        current: list[Any] = [None, 0.0]
+
+        def token() -> str:
+            if current[1] - time.time() < 120:
+                current[1] = time.time() + 3600
+                current[0] = issuer.mint(subject, (), lifetime=3600, aud=audience)
+            return current[0]
+
+        return token
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every source and trigger owns its partitions."""

@@ -41,7 +41,7 @@ class ServiceError(RuntimeError):
 # services') are used.
 LOCAL_INFRASTRUCTURE = frozenset(
     {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER",
-     "DB_PASSWORD", "AUTH_ISSUER", "AUTH_JWKS_URL"}
+     "DB_PASSWORD", "AUTH_ISSUER", "AUTH_JWKS_URL", "AUTH_TRUSTED_ISSUERS"}
 )  # fmt: skip
 
 
