@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from manifest_checks import one
-from openg2p_audit.cli import _local_signing_key
 from openg2p_audit.settings import load_settings
 
 BASE = "base"
@@ -32,15 +31,24 @@ def test_configmap_digest_settings_are_valid():
     assert s.integrity_grace_seconds == 600
 
 
-def test_dev_up_generates_a_local_key_only_for_maintenance(tmp_path):
-    from openg2p_audit.eventing.runner import REPO_ROOT
+def test_the_runner_stands_in_a_local_key_for_the_mounted_secret(tmp_path):
+    from openg2p_audit.eventing.runner import REPO_ROOT, Runner
     from openg2p_audit.integrity import Signer
+    from openg2p_audit.settings import Settings
 
-    env = _local_signing_key(REPO_ROOT / "knative" / "base", tmp_path)
-    assert list(env) == ["audit-maintenance"]
-    key = env["audit-maintenance"]["INTEGRITY_SIGNING_KEY_FILE"]
+    mounted = one(BASE, "ConfigMap", "audit-settings")["data"]["INTEGRITY_SIGNING_KEY_FILE"]
+    runner = Runner(REPO_ROOT / "knative" / "base", Settings(), workdir=tmp_path / "w")
+    env = {"INTEGRITY_SIGNING_KEY_FILE": mounted}
+    runner._stand_in_signing_key("audit-maintenance", env)
+    key = env["INTEGRITY_SIGNING_KEY_FILE"]
+    assert key != mounted and key.startswith(str(tmp_path / "w"))
     assert Signer.from_file("dev", key).verifier.name == "dev"
-    assert _local_signing_key(REPO_ROOT / "knative" / "base", tmp_path) == env  # kept
+    again = {"INTEGRITY_SIGNING_KEY_FILE": mounted}
+    runner._stand_in_signing_key("audit-maintenance", again)
+    assert again == env  # one key per work folder, kept across restarts
+    other = {"KAFKA_EVENTS_TOPIC": "x"}
+    runner._stand_in_signing_key("audit-ingest", other)
+    assert other == {"KAFKA_EVENTS_TOPIC": "x"}  # only a Service that names a key gets one
 
 
 def test_the_runner_lists_the_key_mount_as_deployment_only():

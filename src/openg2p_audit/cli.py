@@ -207,33 +207,6 @@ def _query_role(live, manifest_dir: Path) -> dict[str, dict[str, str]]:
     return wanted
 
 
-def _local_signing_key(manifest_dir: Path, workdir: Path) -> dict[str, dict[str, str]]:
-    """A sealing key for dev up's maintenance, when the manifests name one not on this machine.
-
-    Deployments mount the Secret audit-signing-key; locally there is none, so a
-    key is generated in the work folder (development only, never a deployment's)
-    and the maintenance Service is pointed at it. Returns the runner's per-Service env.
-    """
-    from .eventing.manifests import KService, load
-    from .eventing.services import container_env
-    from .integrity import generate_pem
-
-    wanted: dict[str, dict[str, str]] = {}
-    manifests = load(manifest_dir)
-    for svc in manifests.of(KService):
-        if svc.env_value("FUNCTION_TARGET") != "maintain":
-            continue
-        configured = container_env(svc, manifests).get("INTEGRITY_SIGNING_KEY_FILE")
-        if configured and Path(configured).is_file():
-            continue
-        path = workdir / "dev-signing-key.pem"
-        if not path.exists():
-            path.write_bytes(generate_pem())
-            path.chmod(0o600)
-        wanted[svc.name] = {"INTEGRITY_SIGNING_KEY_FILE": str(path)}
-    return wanted
-
-
 def _cmd_dev_up(args: argparse.Namespace) -> int:
     from .devservices import local_services
     from .devservices.issuer import LocalIssuer
@@ -266,8 +239,7 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
             runner = Runner(
                 manifests, live, workdir=workdir / "runner", port=args.port,
                 commit_interval=args.commit_interval, max_in_flight=args.max_in_flight,
-                issuer=issuer, service_env={**_query_role(live, manifests),
-                                            **_local_signing_key(manifests, workdir)},
+                issuer=issuer, service_env=_query_role(live, manifests),
             )  # fmt: skip
             try:
                 runner.start()

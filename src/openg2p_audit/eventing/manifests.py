@@ -247,8 +247,8 @@ SUPPORT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "spec.template.spec.enableServiceLinks",
             "spec.template.spec.securityContext",
             "spec.template.spec.imagePullSecrets",
-            # Mounted Secrets (the sealing key): credentials. `dev up` points the setting
-            # that names the file at a key of its own instead (cli._local_signing_key).
+            # Mounted Secrets (the sealing key): credentials. The runner points the setting
+            # that names the file at a key of its own instead (Runner._stand_in_signing_key).
             "spec.template.spec.volumes",
             f"{_CONTAINER}.volumeMounts",
             "spec.traffic",

@@ -38,6 +38,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 
 from kafka import KafkaAdminClient
 
+from ..integrity import generate_pem
 from ..settings import Settings
 from .broker import broker_topic, trigger_dispatcher, trigger_filter
 from .delivery import Outcome
@@ -170,6 +171,7 @@ class Runner:
                 env["AUTH_ISSUER"] = self.issuer.url
                 env["AUTH_JWKS_URL"] = self.issuer.jwks_url
                 env["AUTH_TRUSTED_ISSUERS"] = ""  # the local issuer stands in for all
+                self._stand_in_signing_key(svc.name, env)
                 env.update(self._service_env.get(svc.name, {}))
                 self.services[svc.name] = ServiceProcess(
                     svc, env, repo_root=self.repo_root, log_dir=self.workdir / "logs",
@@ -219,6 +221,19 @@ class Runner:
                 log.warning("%s: topic(s) %s do not exist yet; nothing to consume until they do",
                             source.key, ", ".join(missing))  # fmt: skip
             self.start_source(source.name)
+
+    def _stand_in_signing_key(self, service: str, env: dict[str, str]) -> None:
+        """A deployment mounts the Secret audit-signing-key; here a key generated once in the
+        work folder (development and tests only, never a deployment's) takes its place."""
+        configured = env.get("INTEGRITY_SIGNING_KEY_FILE")
+        if not configured or Path(configured).is_file():
+            return
+        path = self.workdir / "secrets" / f"{service}-signing-key.pem"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(generate_pem())
+            path.chmod(0o600)
+        env["INTEGRITY_SIGNING_KEY_FILE"] = str(path)
 
     def start_source(self, name: str) -> KafkaDispatcher:
         """(Re)start one KafkaSource's dispatcher from its manifest; it joins its group anew."""
