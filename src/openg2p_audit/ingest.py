@@ -49,7 +49,7 @@ from .http_binding import BATCH, STRUCTURED, binary_attributes, is_binary, media
 from .kafka_binding import KafkaRecord, encode
 from .observability import configure_logging, metrics_response
 from .policy import SourcePolicy, dumps_claims
-from .producer import Unavailable, producer_for
+from .producer import Unavailable, drain_on_sigterm, producer_for
 from .settings import SettingsError, load_settings
 
 # Settings are read at import, i.e. when the server starts: a bad value or a
@@ -520,6 +520,10 @@ _GET_ROUTES = {"/healthz": _healthz, "/readyz": _readyz, "/metrics": _metrics}
 
 async def ingest(request: Request) -> Response:
     """functions-framework aio HTTP target (`--target ingest`, served with `--asgi`)."""
+    # Take SIGTERM from the worker's first request on, not its first publish: a first
+    # request still checking its token when SIGTERM came would otherwise open a producer
+    # that nothing closes.
+    drain_on_sigterm(producer_for(SETTINGS))
     path = request.scope["path"].rstrip("/") or "/"  # request.url would parse the whole URL
     reader = _POST_ROUTES.get(path)
     if reader is not None:
