@@ -14,6 +14,7 @@ import pg8000.native
 import pytest
 
 from openg2p_audit.devservices import LocalKafka, LocalPostgres
+from openg2p_audit.devservices.issuer import LocalIssuer
 from openg2p_audit.settings import Settings, load_settings
 from openg2p_audit.topics import ensure_topics
 
@@ -100,6 +101,14 @@ def topics(settings) -> Settings:
     """The module's events and DLQ topics, created."""
     ensure_topics(settings)
     return settings
+
+
+@pytest.fixture(scope="module")
+def issuer():
+    """A local token issuer serving its JWKS; modules that need another kind define their own."""
+    issuer = LocalIssuer().serve()
+    yield issuer
+    issuer.stop()
 
 
 @pytest.fixture

@@ -25,13 +25,6 @@ from query_support import full_range, reader_role, url_with
 
 
 @pytest.fixture(scope="module")
-def issuer():
-    issuer = LocalIssuer().serve()
-    yield issuer
-    issuer.stop()
-
-
-@pytest.fixture(scope="module")
 def auth_settings(settings, issuer):
     return settings.model_copy(update={"auth_issuer": issuer.url, "auth_jwks_url": issuer.jwks_url})
 

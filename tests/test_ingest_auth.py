@@ -34,13 +34,6 @@ callers:
 
 
 @pytest.fixture(scope="module")
-def issuer():
-    issuer = LocalIssuer().serve()
-    yield issuer
-    issuer.stop()
-
-
-@pytest.fixture(scope="module")
 def auth_settings(topics, issuer):
     return topics.model_copy(
         update={

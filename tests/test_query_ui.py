@@ -25,7 +25,6 @@ from selenium.webdriver.common.by import By
 from ingest_support import end_offsets, read_topic, request
 from openg2p_audit import kafka_binding
 from openg2p_audit.devservices import LocalFunction
-from openg2p_audit.devservices.issuer import LocalIssuer
 from query_support import full_range, reader_role, seed, seed_rows
 
 ROWS = seed_rows(200, seed=21)
@@ -39,13 +38,6 @@ def _binary(*names: str) -> str:
         if found:
             return found
     pytest.fail(f"none of {names} is installed: `./dev test` installs chromium and chromium-driver")
-
-
-@pytest.fixture(scope="module")
-def issuer():
-    issuer = LocalIssuer().serve()
-    yield issuer
-    issuer.stop()
 
 
 @pytest.fixture(scope="module")

@@ -652,14 +652,7 @@ def insert_events(
 
     for month in sorted({r.month for r in unique}):
         ensure_partition(conn, month)
-    params = {
-        c: _array_literal(
-            [r.occurred_at.isoformat() for r in unique]
-            if c == "occurred_at"
-            else [getattr(r, c) for r in unique]
-        )
-        for c in COLUMNS
-    }
+    params = _column_arrays(unique)
     try:
         stored = _insert_once(conn, params)
     except DatabaseError as exc:
@@ -708,14 +701,7 @@ def _record_conflicts(conn: pg8000.native.Connection, rows: list[Row]) -> tuple[
 
     from . import integrity, query
 
-    params = {
-        c: _array_literal(
-            [r.occurred_at.isoformat() for r in rows]
-            if c == "occurred_at"
-            else [getattr(r, c) for r in rows]
-        )
-        for c in COLUMNS
-    }
+    params = _column_arrays(rows)
     sql = _CONFLICTING.format(line=_qualified(query._JSON_LINE))
     found = conn.run(sql, **params)
     recorded = []
@@ -752,6 +738,18 @@ def _qualified(line: str) -> str:
     for c in (*COLUMNS, "ingested_at"):
         out = re.sub(rf"(?<!['\w.]){c}(?![\w'])", f"e.{c}", out)
     return out
+
+
+def _column_arrays(rows: Sequence[Row]) -> dict[str, str]:
+    """One PostgreSQL array literal per column: the rows travel as a few parameters."""
+    return {
+        c: _array_literal(
+            [r.occurred_at.isoformat() for r in rows]
+            if c == "occurred_at"
+            else [getattr(r, c) for r in rows]
+        )
+        for c in COLUMNS
+    }
 
 
 def _insert_once(conn: pg8000.native.Connection, params: dict[str, str]) -> set[tuple[str, int]]:
