@@ -20,6 +20,7 @@ from eventing_support import headers_of, produce, read_topic
 from ingest_support import end_offsets, request
 from ingest_support import read_topic as read_topic_since
 from openg2p_audit import store
+from openg2p_audit.knative_identity import oidc_subject
 from openg2p_audit.topics import ensure_topics
 from pipeline_support import (
     BROKER,
@@ -261,7 +262,7 @@ def test_extension_attributes_land_in_the_row(pipeline, settings):
     }
     broker = {
         "authtype": "service_account",
-        "authid": "system:serviceaccount:default:oidc-trigger-audit-to-ingest",
+        "authid": oidc_subject("default", "Trigger", "audit-to-ingest"),
         "authclaims": json.dumps({"iss": issuer}, separators=(",", ":")),
     }
     [[details, trace_id]] = _details(settings, go["id"])

@@ -21,6 +21,7 @@ from cloudevents.http import CloudEvent
 from auth_support import forged
 from ingest_support import end_offsets, request
 from openg2p_audit.devservices.issuer import LocalIssuer
+from openg2p_audit.knative_identity import oidc_subject
 from openg2p_audit.topics import ensure_topics
 from pipeline_support import (
     BROKER,
@@ -163,5 +164,5 @@ def test_broker_deliveries_with_the_runners_token_land(pipeline, settings):
     assert reply.status == 202, reply.data
     assert wait_stored(settings, [event["id"]]) == {event["id"]: 1}
     extensions = details_of(settings, event["id"])["extensions"]
-    assert extensions["authid"] == "system:serviceaccount:default:oidc-trigger-audit-to-ingest"
+    assert extensions["authid"] == oidc_subject("default", "Trigger", "audit-to-ingest")
     assert extensions["authtype"] == "service_account"

@@ -22,10 +22,11 @@ from openg2p_audit.contract import AuditEvent
 from openg2p_audit.devservices import LocalFunction
 from openg2p_audit.devservices.issuer import LocalIssuer
 from openg2p_audit.kafka_binding import encode
+from openg2p_audit.knative_identity import oidc_subject
 
 # The cluster's service-account issuer, as far as this module's writer knows.
 ISSUER = LocalIssuer(audience="openg2p-audit-writer")
-SOURCE_SA = "system:serviceaccount:default:oidc-kafkasource-audit-events-to-writer"
+SOURCE_SA = oidc_subject("default", "KafkaSource", "audit-events-to-writer")
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 

@@ -18,6 +18,7 @@ from auth_support import forged
 from ingest_support import request
 from openg2p_audit.devservices import LocalFunction
 from openg2p_audit.devservices.issuer import LocalIssuer
+from openg2p_audit.knative_identity import oidc_subject
 from pipeline_support import audit_event, stored_ids
 
 AUDIENCE = "openg2p-audit-writer"
@@ -62,7 +63,7 @@ def delivery(token: str | None) -> tuple[str, dict[str, str], bytes]:
 
 def source_token(issuer: LocalIssuer, **extra) -> str:
     return issuer.mint(
-        "system:serviceaccount:default:oidc-kafkasource-audit-events-to-writer", (), **extra
+        oidc_subject("default", "KafkaSource", "audit-events-to-writer"), (), **extra
     )
 
 

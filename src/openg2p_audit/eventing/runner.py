@@ -39,6 +39,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 from kafka import KafkaAdminClient
 
 from ..integrity import generate_pem
+from ..knative_identity import oidc_subject
 from ..settings import Settings
 from .broker import broker_topic, trigger_dispatcher, trigger_filter
 from .delivery import Outcome
@@ -305,7 +306,7 @@ class Runner:
         if audience is None:
             return None
         issuer = self.issuer
-        subject = f"system:serviceaccount:{namespace}:oidc-{kind}-{name}"
+        subject = oidc_subject(namespace, kind, name)
         current: list[Any] = [None, 0.0]
 
         def token() -> str:
