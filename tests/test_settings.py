@@ -57,6 +57,8 @@ def test_openg2p_db_convention(monkeypatch):
     [
         ("KAFKA_TOPIC_PARTITIONS", "twelve"),
         ("KAFKA_TOPIC_PARTITIONS", "0"),
+        ("KAFKA_REPLICATION_FACTOR", "0"),
+        ("KAFKA_MIN_INSYNC_REPLICAS", "2"),  # more than the default replication factor, 1
         ("RETENTION_MONTHS", "-1"),
         ("REDRIVE_MAX_SECONDS", "0"),
         ("KAFKA_BOOTSTRAP_SERVERS", "broker-without-port"),

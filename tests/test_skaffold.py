@@ -145,7 +145,7 @@ def test_every_image_the_manifests_run_is_built(overlay):
     used = {
         container["image"]
         for obj in render(overlay)
-        if obj["kind"] == "Service"
+        if obj["kind"] in ("Service", "Job")  # the Knative Services and the topics Job
         for container in obj["spec"]["template"]["spec"]["containers"]
     }
     assert used == built

@@ -238,7 +238,7 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
             issuer = LocalIssuer(audience=live.auth_audience)
             runner = Runner(
                 manifests, live, workdir=workdir / "runner", port=args.port,
-                commit_interval=args.commit_interval, max_in_flight=args.max_in_flight,
+                commit_interval=args.commit_interval, max_poll_records=args.max_poll_records,
                 issuer=issuer, service_env=_query_role(live, manifests),
             )  # fmt: skip
             try:
@@ -609,8 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--commit-interval", type=float, default=5.0, help="seconds between offset commits"
     )
     up.add_argument(
-        "--max-in-flight", type=int, default=50, metavar="N",
-        help="deliveries in flight per unordered KafkaSource (Knative's max.poll.records, 50)",
+        "--max-poll-records", type=int, default=50, metavar="N",
+        help="an unordered KafkaSource polls N more records whenever fewer than N are in "
+        "flight, so up to 2N-1 are (Knative's max.poll.records, 50)",
     )  # fmt: skip
     up.set_defaults(func=_cmd_dev_up)
 

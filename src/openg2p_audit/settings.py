@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TopicName = Annotated[str, Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")]
@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     kafka_events_topic: TopicName = "openg2p.audit.events"
     kafka_dlq_topic: TopicName = "openg2p.audit.dlq"
     kafka_topic_partitions: int = Field(12, ge=1, le=1000)
+    # How `openg2p-audit topics` creates the topics: copies of each partition, and how many
+    # of them must hold a record before acks=all answers (so before ingest's 202). One of
+    # each suits a one-broker development cluster; production sets 3 and 2.
+    kafka_replication_factor: int = Field(1, ge=1, le=32)
+    kafka_min_insync_replicas: int = Field(1, ge=1, le=32)
     kafka_consumer_group: str = Field("openg2p-audit-consumer", min_length=1)
 
     # PostgreSQL: one URL, or the OpenG2P DB_* convention. Neither means "not configured".
@@ -152,6 +157,14 @@ class Settings(BaseSettings):
             host, sep, port = server.strip().rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise ValueError(f"expected host:port[,host:port...], got {server.strip()!r}")
+        return value
+
+    @field_validator("kafka_min_insync_replicas")
+    @classmethod
+    def _insync_within_replicas(cls, value: int, info: ValidationInfo) -> int:
+        replicas = info.data.get("kafka_replication_factor")
+        if replicas is not None and value > replicas:
+            raise ValueError(f"must not exceed KAFKA_REPLICATION_FACTOR ({replicas})")
         return value
 
     @field_validator("auth_algorithms")

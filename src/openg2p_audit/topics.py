@@ -40,17 +40,24 @@ def _partition_counts(admin: KafkaAdminClient, names: list[str]) -> dict[str, in
 DIGEST_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "retention.bytes": "-1"}
 
 
-def ensure_topics(settings: Settings, replication_factor: int = 1) -> list[TopicState]:
+def ensure_topics(settings: Settings) -> list[TopicState]:
     """Create the events, DLQ and digests topics if missing; grow the events topic if too small.
 
-    The digests topic has one partition: the chain is one ordered sequence.
+    The digests topic has one partition: the chain is one ordered sequence. New topics get
+    KAFKA_REPLICATION_FACTOR copies and KAFKA_MIN_INSYNC_REPLICAS, so that a deployment's
+    `openg2p-audit topics` (the Job audit-topics) needs nothing beyond the ConfigMap. A
+    topic that exists keeps its replication: changing that is a reassignment, an operator's
+    decision.
     """
     wanted = {
         settings.kafka_events_topic: settings.kafka_topic_partitions,
         settings.kafka_dlq_topic: 1,
         settings.kafka_digests_topic: 1,
     }
-    configs = {settings.kafka_digests_topic: DIGEST_TOPIC_CONFIG}
+    replication_factor = settings.kafka_replication_factor
+    durable = {"min.insync.replicas": str(settings.kafka_min_insync_replicas)}
+    configs = {name: dict(durable) for name in wanted}
+    configs[settings.kafka_digests_topic].update(DIGEST_TOPIC_CONFIG)
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=15000)
     try:
         current = _partition_counts(admin, list(wanted))

@@ -7,8 +7,11 @@ eventing-kafka-broker (`OrderedConsumerVerticle`, `UnorderedConsumerVerticle`,
 
 - ordered: records of one partition are delivered one after the other, the
   next only once the previous one is settled; partitions run in parallel;
-- unordered: records are delivered concurrently, at most `max_in_flight` at
-  a time (Knative: `max.poll.records`, default 50);
+- unordered: records are delivered concurrently; the member polls again, for
+  up to `max_poll_records` more, whenever fewer than `max_poll_records` are in
+  flight, so up to 2 x max_poll_records - 1 are (Knative's
+  `UnorderedConsumerVerticle.poll()` with `max.poll.records`, 50 in
+  config-kafka-source-data-plane: up to 99);
 - an offset becomes committable only once its record is settled (2xx, or in
   the dead-letter sink); the committed offset only ever moves over a
   contiguous run of settled records, so a slow or stuck record holds back
@@ -64,6 +67,9 @@ KEEPALIVE_POLL = 30.0  # seconds: poll for one record even when the backlog is f
 # it is free, or once a few milliseconds passed with any room at all.
 REFILL_FRACTION = 4
 REFILL_WAIT = 0.005  # seconds
+# config-kafka-source-data-plane's max.poll.records (eventing-kafka-broker
+# data-plane/config/source/100-config-kafka-source-data-plane.yaml).
+MAX_POLL_RECORDS = 50
 METADATA_WAIT = 10.0  # seconds: longest wait for the topics' partitions before joining
 UNASSIGNED_REFRESH = 1.0  # seconds between metadata refreshes while nothing is assigned
 
@@ -146,7 +152,7 @@ class KafkaDispatcher:
         initial_offset: str = "earliest",
         event_filter: EventFilter | None = None,
         commit_interval: float = 5.0,
-        max_in_flight: int = 50,
+        max_poll_records: int = MAX_POLL_RECORDS,
         max_buffered: int = 500,
     ):
         self.name = name
@@ -159,9 +165,11 @@ class KafkaDispatcher:
         self.initial_offset = initial_offset
         self.event_filter = event_filter
         self.commit_interval = commit_interval
-        self.max_in_flight = max_in_flight
-        # ordered: records fetched but not settled, all partitions (Kafka's max.poll.records)
-        self.max_backlog = max_buffered if ordered else max_in_flight
+        self.max_poll_records = max_poll_records
+        # Polling stops while this many records are fetched and not settled. Ordered: all
+        # partitions' queues together. Unordered: max.poll.records, as Knative's consumer
+        # polls only while fewer than that are in flight.
+        self.max_backlog = max_buffered if ordered else max_poll_records
         self._refill = max(1, self.max_backlog // REFILL_FRACTION)
         self.stats = DispatcherStats()
         # Deliveries run as coroutines on one event loop thread, over one keep-alive session.
@@ -277,7 +285,7 @@ class KafkaDispatcher:
                 client_id=f"openg2p-audit-runner-{self.name}",
                 enable_auto_commit=False,
                 auto_offset_reset=self.initial_offset,
-                max_poll_records=self.max_backlog,
+                max_poll_records=max(self.max_backlog, self.max_poll_records),
                 session_timeout_ms=10000,
                 heartbeat_interval_ms=1000,
             )
@@ -304,7 +312,7 @@ class KafkaDispatcher:
                     if (room >= self._refill or (room > 0 and since > REFILL_WAIT)
                             or since > KEEPALIVE_POLL):  # fmt: skip
                         self._last_poll = time.monotonic()
-                        batch = consumer.poll(timeout_ms=100, max_records=max(room, 1))
+                        batch = consumer.poll(timeout_ms=100, max_records=self._poll_size(room))
                         for tp, records in batch.items():
                             self._dispatch(tp, records)
                         self._drain_done()
@@ -321,6 +329,15 @@ class KafkaDispatcher:
             log.exception("%s: consumer loop failed", self.name)
         finally:
             self._shutdown()
+
+    def _poll_size(self, room: int) -> int:
+        """How many records one poll may return. Unordered: a whole max.poll.records
+        whenever fewer than that are in flight (Knative polls for that many as soon as
+        in-flight drops below it). Ordered: only what fits the backlog. One when full: the
+        keep-alive poll that keeps kafka-python's group membership (max.poll.interval.ms)."""
+        if not self.ordered and room > 0:
+            return self.max_poll_records
+        return max(room, 1)
 
     def _missing_partitions(self, consumer: KafkaConsumer) -> list[str]:
         consumer.topics()  # always a fresh metadata request, unlike partitions_for_topic()
@@ -403,7 +420,9 @@ class KafkaDispatcher:
         self._loop_thread.start()
 
         async def open_session() -> None:
-            self._session = self.egress.new_session(max(self.max_in_flight, self.max_backlog))
+            self._session = self.egress.new_session(
+                2 * max(self.max_poll_records, self.max_backlog)
+            )
 
         asyncio.run_coroutine_threadsafe(open_session(), loop).result(10)
 

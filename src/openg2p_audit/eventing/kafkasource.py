@@ -25,7 +25,7 @@ from typing import Any
 
 from .binding import Event, NotACloudEvent, from_kafka
 from .delivery import Egress
-from .dispatcher import KafkaDispatcher
+from .dispatcher import MAX_POLL_RECORDS, KafkaDispatcher
 from .manifests import KafkaSource
 
 WRAPPED_TYPE = "dev.knative.kafka.event"
@@ -92,7 +92,7 @@ def kafka_source_dispatcher(
     dead_letter: str | None,
     on_dead_letter_failure: str = "retry",
     commit_interval: float = 5.0,
-    max_in_flight: int = 50,
+    max_poll_records: int = MAX_POLL_RECORDS,
 ) -> KafkaDispatcher:
     egress = Egress(
         name=source.key,
@@ -112,5 +112,5 @@ def kafka_source_dispatcher(
         ordered=source.ordering == "ordered",
         initial_offset=source.initial_offset,
         commit_interval=commit_interval,
-        max_in_flight=max_in_flight,
+        max_poll_records=max_poll_records,
     )

@@ -228,6 +228,9 @@ def _under(prefix: str, paths: tuple[str, ...]) -> tuple[str, ...]:
 # kind -> (honoured, deployment-only). A pattern covers every path it prefixes.
 SUPPORT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ConfigMap": (("data",), ("immutable",)),
+    # The topics Job (audit-topics) runs `openg2p-audit topics`; dev up takes that same step
+    # itself before it starts the runner, so the Job has no local meaning.
+    "Job": ((), ("spec",)),
     "Secret": (("data", "stringData"), ("type", "immutable")),
     "Service": (
         (
@@ -477,6 +480,8 @@ def _build(kind: str, base: dict[str, Any], doc: dict[str, Any]) -> Resource:
         data = {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
         data.update({k: str(v) for k, v in (doc.get("stringData") or {}).items()})
         return Secret(**base, data=data)
+    if kind == "Job":
+        return Resource(**base)
     if kind == "Service":
         containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
         if len(containers) != 1:

@@ -43,7 +43,7 @@ from ..knative_identity import oidc_subject
 from ..settings import Settings
 from .broker import broker_topic, trigger_dispatcher, trigger_filter
 from .delivery import Outcome
-from .dispatcher import KafkaDispatcher
+from .dispatcher import MAX_POLL_RECORDS, KafkaDispatcher
 from .kafkasink import TopicWriter, ensure_topic
 from .kafkasource import kafka_source_dispatcher
 from .manifests import (
@@ -84,7 +84,7 @@ class Runner:
         on_dead_letter_failure: str = "retry",
         schedule_pings: bool = True,
         service_ports: dict[str, int] | None = None,
-        max_in_flight: int = 50,
+        max_poll_records: int = MAX_POLL_RECORDS,
         issuer: LocalIssuer | None = None,
         service_env: dict[str, dict[str, str]] | None = None,
     ):
@@ -93,7 +93,7 @@ class Runner:
         self.workdir = Path(workdir)
         self.repo_root = Path(repo_root) if repo_root else REPO_ROOT
         self.commit_interval = commit_interval
-        self.max_in_flight = max_in_flight  # unordered sources: Knative's max.poll.records
+        self.max_poll_records = max_poll_records  # unordered sources: Knative's max.poll.records
         self.on_dead_letter_failure = on_dead_letter_failure
         self.schedule_pings = schedule_pings
         self._service_ports = dict(service_ports or {})
@@ -251,7 +251,7 @@ class Runner:
             dead_letter=self.resolve(dls, f"{source.key} deadLetterSink") if dls else None,
             on_dead_letter_failure=self.on_dead_letter_failure,
             commit_interval=self.commit_interval,
-            max_in_flight=self.max_in_flight,
+            max_poll_records=self.max_poll_records,
         )
         dispatcher.egress.token = self.oidc_token(
             source.sink.audience, source.namespace, "kafkasource", name
