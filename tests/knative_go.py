@@ -36,7 +36,7 @@ def go() -> str:
     if found is None:
         pytest.fail(
             "Go is not installed: tests/test_knative_validate.py builds tools/knative-validate "
-            "(install Go 1.21 or newer; ./dev test installs Debian's golang-go when run as root)"
+            "(install Go 1.21 or newer from https://go.dev/dl/)"
         )
     return found
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"strings"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -61,10 +62,12 @@ func result(label string, fe *apis.FieldError) Check {
 		return c
 	}
 	for _, e := range fe.WrappedErrors() {
+		// A message without a field path prints with a dangling ": ".
+		text := strings.TrimSuffix(e.Error(), ": ")
 		if e.Level == apis.WarningLevel {
-			c.Warnings = append(c.Warnings, e.Error())
+			c.Warnings = append(c.Warnings, text)
 		} else {
-			c.Errors = append(c.Errors, e.Error())
+			c.Errors = append(c.Errors, text)
 		}
 	}
 	if len(c.Errors) == 0 && len(c.Warnings) == 0 {

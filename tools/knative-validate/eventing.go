@@ -130,10 +130,12 @@ func validateEventPolicy(env *Env, doc []byte, u *unstructured.Unstructured, obj
 		strict(doc, ep, obj)
 		ctx := eventingCtx(flags)
 		ep.SetDefaults(ctx)
-		c := result(label, ep.Validate(ctx))
+		fe := ep.Validate(ctx)
+		c := result(label, fe)
 		// eventpolicy_validation.go refuses every EventPolicy on create while
 		// authentication-oidc is off: that is Knative's rule, not a fault of the object.
-		if !flags.IsOIDCAuthentication() && len(c.Errors) == 1 && c.Errors[0] == "oidc-authentication feature not enabled" {
+		if errs := fe.WrappedErrors(); !flags.IsOIDCAuthentication() && len(errs) == 1 &&
+			errs[0].Message == "oidc-authentication feature not enabled" && len(errs[0].Paths) == 0 {
 			c.Expected = true
 		}
 		obj.Checks = append(obj.Checks, c)
