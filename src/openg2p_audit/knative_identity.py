@@ -12,6 +12,11 @@ characters Kubernetes allows by hashing the parent with MD5. Every place that na
 such an identity (the source policy, the writer's and maintenance's accepted subjects,
 the local runner's minted tokens, the tests and the docs) goes through `oidc_subject`,
 so that none of them can drift from what a cluster will really send.
+
+The receiving side has a derived name too: with the feature on, a Broker or KafkaSink
+takes only tokens for its own audience, `<group>/<kind>/<namespace>/<name>` lowercased
+(knative/eventing `pkg/auth/audience.go`, `GetAudience`), which the dispatchers put on
+every delivery to it, dead letters included.
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ KAFKA_SOURCE = ("sources.knative.dev", "KafkaSource")
 PING_SOURCE = ("sources.knative.dev", "PingSource")
 
 _KINDS = {"trigger": TRIGGER, "kafkasource": KAFKA_SOURCE, "pingsource": PING_SOURCE}
+
+# The (group, Kind) of each receiving kind whose audience Knative derives (eventing-kafka-broker
+# control-plane/pkg/reconciler/broker/broker.go and sink/kafka_sink.go).
+_AUDIENCE_KINDS = {
+    "broker": ("eventing.knative.dev", "Broker"),
+    "kafkasink": ("eventing.knative.dev", "KafkaSink"),
+}
 
 
 def child_name(parent: str, suffix: str) -> str:
@@ -66,3 +78,13 @@ def oidc_subject(namespace: str, kind: str, name: str) -> str:
     except KeyError:
         raise ValueError(f"no OIDC identity is known for kind {kind!r}") from None
     return f"system:serviceaccount:{namespace}:{oidc_service_account(name, group, kind_name)}"
+
+
+def audience(namespace: str, kind: str, name: str) -> str | None:
+    """The OIDC audience Knative gives a Broker or KafkaSink; None for any other kind
+    (a Knative Service publishes none: a token for it needs an `audience` in the manifest)."""
+    found = _AUDIENCE_KINDS.get(kind.lower())
+    if found is None:
+        return None
+    group, kind_name = found
+    return f"{group}/{kind_name}/{namespace}/{name}".lower()

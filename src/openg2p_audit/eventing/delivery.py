@@ -45,7 +45,17 @@ LOG_PER_SECOND = 20
 
 
 def is_retryable(status: int) -> bool:
+    """The Kafka dispatcher's rule (WebClientCloudEventSender.isRetryableStatusCode)."""
     return status >= 500 or status in (404, 408, 409, 429)
+
+
+# The CloudEvents Go SDK's rule, which the PingSource adapter retries by (cloudevents/sdk-go
+# v2 protocol/http/protocol.go, defaultRetriableErrors): not 500, not 408 or 409.
+SDK_RETRYABLE = frozenset((404, 413, 425, 429, 502, 503, 504))
+
+
+def is_retryable_by_the_sdk(status: int) -> bool:
+    return status in SDK_RETRYABLE
 
 
 @dataclass
@@ -143,9 +153,13 @@ class Egress:
     namespace: str
     dead_letter: str | None = None
     on_dead_letter_failure: str = "retry"  # retry | commit
-    # Knative's OIDC feature: a token for the destination's audience on every attempt
-    # (not for the dead-letter sink, which is the runner's own endpoint).
+    # Knative's OIDC feature: a token of the sender's identity for the destination's
+    # audience on every attempt, and one for the dead-letter sink's audience on every
+    # attempt to it (RecordDispatcherImpl's two senders share the identity).
     token: Callable[[], str] | None = None
+    dead_letter_token: Callable[[], str] | None = None
+    # Which answers are worth another attempt: the Kafka dispatcher's rule by default.
+    retryable: Callable[[int], bool] = is_retryable
     stopping: threading.Event = field(default_factory=threading.Event)
     _log_second: int = field(default=0, repr=False)
     _log_count: int = field(default=0, repr=False)
@@ -165,16 +179,17 @@ class Egress:
         self, session: aiohttp.ClientSession, url: str, event: Event, outcome: Outcome
     ) -> Response:
         structured = self.delivery.format == "structured"
+        mint = self.token if url == self.destination else self.dead_letter_token
         retry = 0
         while True:
-            token = self.token() if self.token is not None and url == self.destination else None
+            token = mint() if mint is not None else None
             resp = await post(
                 session, url, event, namespace=self.namespace, structured=structured, token=token
             )
             outcome.attempts += 1
             if resp.ok:
                 return resp
-            final = resp.status is not None and not is_retryable(resp.status)
+            final = resp.status is not None and not self.retryable(resp.status)
             if final or retry >= self.delivery.retry:
                 return resp
             retry += 1

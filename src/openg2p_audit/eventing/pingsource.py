@@ -2,7 +2,9 @@
 
 The schedule is evaluated in the manifest's `timezone` (croniter); `fire()`
 sends one event right now, for developers and tests that cannot wait an
-hour for partition upkeep.
+hour for partition upkeep. Each tick is sent as knative/eventing's mtping adapter
+sends it: retried a few times within seconds, with a token of the PingSource's own
+OIDC identity when its sink names an audience.
 """
 
 from __future__ import annotations
@@ -10,18 +12,23 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
 from .binding import Event
-from .delivery import Egress, Outcome
+from .delivery import Egress, Outcome, is_retryable_by_the_sdk
 from .manifests import Delivery, ManifestError, PingSource
 
 log = logging.getLogger(__name__)
 
 PING_TYPE = "dev.knative.sources.ping"
+# The ping adapter's own retries (knative/eventing pkg/adapter/mtping/runner.go:
+# ContextWithRetriesExponentialBackoff(ctx, 50ms, 5)): 5 more attempts, waiting
+# 50 ms x 2^n before the n-th, about 3 s in all; then the tick is given up.
+PING_DELIVERY = Delivery(retry=5, backoff_policy="exponential", backoff_delay=0.05)
 
 
 def ping_event(source: PingSource, now: datetime | None = None) -> Event:
@@ -42,7 +49,9 @@ def ping_event(source: PingSource, now: datetime | None = None) -> Event:
 class PingScheduler:
     """Fires `source` on its schedule until stopped."""
 
-    def __init__(self, source: PingSource, destination: str):
+    def __init__(
+        self, source: PingSource, destination: str, token: Callable[[], str] | None = None
+    ):
         self.source = source
         try:
             self.zone = ZoneInfo(source.timezone)
@@ -50,10 +59,14 @@ class PingScheduler:
             raise ManifestError(f"{source.key}: unknown timezone {source.timezone!r}") from exc
         if not croniter.is_valid(source.schedule):
             raise ManifestError(f"{source.key}: invalid schedule {source.schedule!r}")
-        # One attempt, like the ping adapter; the next tick is the retry.
+        # Retried as the ping adapter retries, by the CloudEvents SDK's rule; no dead-letter
+        # sink (a PingSource has none), so a tick that still fails is dropped, and the next
+        # tick is the next chance. `token`: the PingSource's OIDC identity, when its sink
+        # names an audience.
         self.egress = Egress(
-            name=source.key, destination=destination, delivery=Delivery(),
-            namespace=source.namespace, on_dead_letter_failure="commit",
+            name=source.key, destination=destination, delivery=PING_DELIVERY,
+            namespace=source.namespace, on_dead_letter_failure="commit", token=token,
+            retryable=is_retryable_by_the_sdk,
         )  # fmt: skip
         self.fired: list[Outcome] = []
         self._thread: threading.Thread | None = None

@@ -39,10 +39,10 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 from kafka import KafkaAdminClient
 
 from ..integrity import generate_pem
-from ..knative_identity import oidc_subject
+from ..knative_identity import audience, oidc_subject
 from ..settings import Settings
 from .broker import broker_topic, trigger_dispatcher, trigger_filter
-from .delivery import Outcome
+from .delivery import Egress, Outcome
 from .dispatcher import MAX_POLL_RECORDS, KafkaDispatcher
 from .kafkasink import TopicWriter, ensure_topic
 from .kafkasource import kafka_source_dispatcher
@@ -67,6 +67,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+
+# Knative's delivery tokens: requested for an hour, and used until five minutes before they
+# expire (eventing-kafka-broker data-plane dispatcher/impl/auth/TokenProvider.java, a cache
+# of 3600 - 300 s; knative/eventing pkg/auth/token_provider.go, the same for the PingSource).
+TOKEN_LIFETIME = 3600
+TOKEN_RENEW_BEFORE = 300
 
 
 class Runner:
@@ -196,7 +202,11 @@ class Runner:
             self._start_triggers(bootstrap)
             self._start_sources(bootstrap)
             for ping in self.manifests.of(PingSource):
-                sched = PingScheduler(ping, self.resolve(ping.sink, f"{ping.key} sink"))
+                token = self.oidc_token(
+                    self.audience_of(ping.sink, ping.namespace), ping.namespace, "pingsource",
+                    ping.name,
+                )  # fmt: skip
+                sched = PingScheduler(ping, self.resolve(ping.sink, f"{ping.key} sink"), token)
                 self.pings[ping.name] = sched.start() if self.schedule_pings else sched
         except BaseException:
             self.stop()
@@ -253,9 +263,8 @@ class Runner:
             commit_interval=self.commit_interval,
             max_poll_records=self.max_poll_records,
         )
-        dispatcher.egress.token = self.oidc_token(
-            source.sink.audience, source.namespace, "kafkasource", name
-        )
+        self._give_tokens(dispatcher.egress, source.sink, dls, source.namespace, "kafkasource",
+                          name)  # fmt: skip
         self.sources[name] = dispatcher.start()
         log.info("%s: %s %s -> %s (group %s, %s, retry %d, backoff %s %.3fs)",
                  source.key, ",".join(source.topics), "ordered" if dispatcher.ordered
@@ -289,19 +298,40 @@ class Runner:
                 on_dead_letter_failure=self.on_dead_letter_failure,
                 commit_interval=self.commit_interval,
             )  # fmt: skip
-            dispatcher.egress.token = self.oidc_token(
-                trigger.subscriber.audience, trigger.namespace, "trigger", trigger.name
-            )
+            self._give_tokens(dispatcher.egress, trigger.subscriber, dls, trigger.namespace,
+                              "trigger", trigger.name)  # fmt: skip
             self.triggers[trigger.name] = dispatcher.start()
+
+    def audience_of(self, dest: Destination | None, namespace: str) -> str | None:
+        """The audience a delivery to `dest` carries a token for: the manifest's, else the
+        one Knative derives for a Broker or KafkaSink (knative/pkg resolver/
+        addressable_resolver.go: the destination's audience wins over the addressable's).
+        None for a Knative Service without one: no token is sent."""
+        if dest is None:
+            return None
+        if dest.audience is not None:
+            return dest.audience
+        if dest.ref is None:
+            return None
+        return audience(dest.ref.namespace or namespace, dest.ref.kind, dest.ref.name)
+
+    def _give_tokens(
+        self, egress: Egress, dest: Destination, dls: Destination | None, namespace: str,
+        kind: str, name: str,
+    ) -> None:  # fmt: skip
+        egress.token = self.oidc_token(self.audience_of(dest, namespace), namespace, kind, name)
+        egress.dead_letter_token = self.oidc_token(
+            self.audience_of(dls, namespace), namespace, kind, name
+        )
 
     def oidc_token(
         self, audience: str | None, namespace: str, kind: str, name: str
     ) -> Callable[[], str] | None:
-        """What Knative Eventing's OIDC feature sends: a token of the source's own service
-        account, for the sink's audience. None when the manifest names no audience.
+        """What Knative Eventing's OIDC feature sends: a token of the sender's own service
+        account, for the destination's audience. None when there is no audience.
 
-        A token is reused until two minutes before it expires, as Knative caches its
-        tokens; the writer then pays its check once, not per delivery.
+        A token lives TOKEN_LIFETIME and is reused until TOKEN_RENEW_BEFORE its expiry, as
+        Knative caches its tokens; the writer then pays its check once, not per delivery.
         """
         if audience is None:
             return None
@@ -310,9 +340,10 @@ class Runner:
         current: list[Any] = [None, 0.0]
 
         def token() -> str:
-            if current[1] - time.time() < 120:
-                current[1] = time.time() + 3600
-                current[0] = issuer.mint(subject, (), lifetime=3600, aud=audience)
+            now = time.time()
+            if current[1] - now <= TOKEN_RENEW_BEFORE:
+                current[1] = now + TOKEN_LIFETIME
+                current[0] = issuer.mint(subject, (), lifetime=TOKEN_LIFETIME, aud=audience)
             return current[0]
 
         return token
