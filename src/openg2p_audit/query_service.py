@@ -313,6 +313,11 @@ class _Export:
         self.close_soon()
 
 
+# The export is sent in pieces of this size, each of which the client must take within
+# QUERY_EXPORT_IDLE_SECONDS (a batch of 5,000 rows is a few MiB).
+SEND_BYTES = 256 * 1024
+
+
 class _ExportResponse(StreamingResponse):
     """The export's body, bounded in time so that no reader holds a snapshot for long.
 
@@ -321,8 +326,9 @@ class _ExportResponse(StreamingResponse):
 
     - QUERY_EXPORT_MAX_SECONDS from the snapshot's start: a timer cuts the export
       even when nothing else runs (a stream never started, a send stuck for good);
-    - QUERY_EXPORT_IDLE_SECONDS for any one chunk to be taken by the client: a
-      reader that stopped reading is given up on long before the duration bound.
+    - QUERY_EXPORT_IDLE_SECONDS for the client to take each SEND_BYTES more: a
+      reader that stopped reading is given up on long before the duration bound,
+      one that reads slowly but steadily is not.
 
     The next batch is fetched while this one is sent: PostgreSQL and the driver work
     while the socket drains, and at most two batches are held however long the export.
@@ -341,13 +347,17 @@ class _ExportResponse(StreamingResponse):
             pending = asyncio.ensure_future(asyncio.to_thread(job.next_chunk))
             while (chunk := await pending) is not None:
                 pending = asyncio.ensure_future(asyncio.to_thread(job.next_chunk))
-                message = {"type": "http.response.body", "body": chunk, "more_body": True}
-                try:
-                    await asyncio.wait_for(send(message), idle)
-                except TimeoutError:
-                    raise ExportCut(
-                        f"the client took no data for {idle:g} s (QUERY_EXPORT_IDLE_SECONDS)"
-                    ) from None
+                view = memoryview(chunk)
+                for at in range(0, len(view), SEND_BYTES):
+                    message = {"type": "http.response.body", "body": view[at : at + SEND_BYTES],
+                               "more_body": True}  # fmt: skip
+                    try:
+                        await asyncio.wait_for(send(message), idle)
+                    except TimeoutError:
+                        raise ExportCut(
+                            f"the client took less than {SEND_BYTES // 1024} KiB in {idle:g} s"
+                            " (QUERY_EXPORT_IDLE_SECONDS)"
+                        ) from None
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             ROWS.labels("export").inc(self.rows)
         except ExportCut as exc:
