@@ -358,6 +358,8 @@ class _ExportResponse(StreamingResponse):
                             f"the client took less than {SEND_BYTES // 1024} KiB in {idle:g} s"
                             " (QUERY_EXPORT_IDLE_SECONDS)"
                         ) from None
+                    if job.cut_reason is not None:  # the duration bound, mid-batch
+                        raise ExportCut(job.cut_reason)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             ROWS.labels("export").inc(self.rows)
         except ExportCut as exc:
