@@ -107,7 +107,6 @@ class JwksCache:
         self._failed: str | None = None  # why the last fetch failed, until one succeeds
         self._retry_at = 0.0  # no fetch before this after a failure
         self.min_refresh_seconds = _MIN_REFRESH_SECONDS
-        self.fetches = 0  # fetches started (tests count them)
 
     def _state(self, kid: str) -> tuple[jwt.PyJWK | None, threading.Event | None]:
         """Under the lock: the usable key for `kid` (or None), and the fetch to wait for."""
@@ -119,7 +118,6 @@ class JwksCache:
         due = age > self.cache_seconds or (kid not in self._keys and age > self.min_refresh_seconds)
         if due and self._flight is None and now >= self._retry_at:
             self._flight = threading.Event()
-            self.fetches += 1
             threading.Thread(target=self._fetch, args=(self._flight,), name="jwks-fetch",
                              daemon=True).start()  # fmt: skip
         return key, (self._flight if due else None)

@@ -242,7 +242,11 @@ async def get_event(principal: Principal, event_id: str, request: Request) -> li
 
 
 class ExportCut(Exception):
-    """The export hit one of its bounds and is ended before its last row."""
+    """The export hit one of its bounds (`cause`: duration, idle) and ends before its last row."""
+
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 class _Export:
@@ -284,7 +288,7 @@ class _Export:
     def next_chunk(self) -> bytes | None:
         with self._lock:
             if self.cut_reason is not None:
-                raise ExportCut(self.cut_reason)
+                raise ExportCut("duration", self.cut_reason)
             if not self._open:
                 return None
             if self._chunks is None:
@@ -334,9 +338,12 @@ class _ExportResponse(StreamingResponse):
     while the socket drains, and at most two batches are held however long the export.
     """
 
-    def __init__(self, job: _Export, rows: int, headers: dict[str, str], media_type: str):
+    def __init__(
+        self, job: _Export, rows: int, timer: asyncio.TimerHandle, headers: dict[str, str],
+        media_type: str,
+    ):  # fmt: skip
         super().__init__((), 200, headers, media_type=media_type)
-        self.job, self.rows = job, rows
+        self.job, self.rows, self.timer = job, rows, timer
 
     async def stream_response(self, send) -> None:
         job, idle = self.job, SETTINGS.query_export_idle_seconds
@@ -355,22 +362,23 @@ class _ExportResponse(StreamingResponse):
                         await asyncio.wait_for(send(message), idle)
                     except TimeoutError:
                         raise ExportCut(
-                            f"the client took less than {SEND_BYTES // 1024} KiB in {idle:g} s"
-                            " (QUERY_EXPORT_IDLE_SECONDS)"
+                            "idle",
+                            f"the client took less than {SEND_BYTES // 1024} KiB in"
+                            f" {idle:g} s (QUERY_EXPORT_IDLE_SECONDS)",
                         ) from None
                     if job.cut_reason is not None:  # the duration bound, mid-batch
-                        raise ExportCut(job.cut_reason)
+                        raise ExportCut("duration", job.cut_reason)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             ROWS.labels("export").inc(self.rows)
         except ExportCut as exc:
-            reason = "idle" if "IDLE" in str(exc) else "duration"
-            EXPORTS_CUT.labels(reason).inc()
-            log.warning("export ended before its last row: %s", exc, extra={"cause": reason})
+            EXPORTS_CUT.labels(exc.cause).inc()
+            log.warning("export ended before its last row: %s", exc, extra={"cause": exc.cause})
             # Returning without the last chunk: the server closes the connection mid-body.
         finally:
             if pending is not None:
                 pending.cancel()
             job.close_soon()
+            self.timer.cancel()  # a stream that never started keeps it: the snapshot is let go
 
 
 async def export(principal: Principal, request: Request) -> Response:
@@ -384,7 +392,7 @@ async def export(principal: Principal, request: Request) -> Response:
         raise _busy(exc) from exc
     except (DatabaseError, InterfaceError, OSError) as exc:
         raise ReadFailed("database_unavailable", "the database did not answer") from exc
-    asyncio.get_running_loop().call_later(
+    timer = asyncio.get_running_loop().call_later(
         longest, job.cut, f"it ran for {longest:g} s (QUERY_EXPORT_MAX_SECONDS)"
     )
     rows, truncated = min(matched, cap), matched > cap
@@ -393,6 +401,7 @@ async def export(principal: Principal, request: Request) -> Response:
     try:
         await audit_read(read_event(EXPORTED, principal, context, request))
     except BaseException:
+        timer.cancel()
         job.close_soon()
         raise
     media = "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson"
@@ -402,7 +411,7 @@ async def export(principal: Principal, request: Request) -> Response:
         "X-Audit-Export-Rows": str(rows),
         "X-Audit-Export-Truncated": "true" if truncated else "false",
     }
-    return _ExportResponse(job, rows, headers, media)
+    return _ExportResponse(job, rows, timer, headers, media)
 
 
 # --------------------------------------------------------------------------- the function
