@@ -12,7 +12,9 @@ ConfigMap that the settings object accepts.
 from __future__ import annotations
 
 import ast
+import base64
 import json
+import re
 import zoneinfo
 from datetime import UTC, datetime, timedelta
 
@@ -21,6 +23,7 @@ import yaml
 from pydantic import TypeAdapter
 
 from manifest_checks import KNATIVE, REPO, objects, one, render, stages, validation_errors
+from openg2p_audit import query
 from openg2p_audit.eventing.dispatcher import MAX_POLL_RECORDS
 from openg2p_audit.policy import SourcePolicy
 from openg2p_audit.settings import Settings, load_settings
@@ -54,6 +57,7 @@ NOT_IN_CONFIGMAP = {
     "DATABASE_URL": "would carry the password; the DB_* variables are used instead",
     "QUERY_CURSOR_SECRET": "comes from the Secret audit-query",
     "INGEST_SOURCE_POLICY_FILE": "the policy is the ConfigMap's INGEST_SOURCE_POLICY",
+    "INTEGRITY_VERIFIER_KEYS": "a reader's setting (verify, evidence); no function uses it",
 }
 
 KEDA = "autoscaling.eventing.knative.dev"
@@ -270,10 +274,40 @@ def test_query_service_reads_with_its_own_role_and_cursor_key(path):
         assert "QUERY_CURSOR_SECRET" not in other_env and "DB_USER" not in other_env
 
 
-def test_query_placeholder_secret_is_a_valid_setting():
-    secret = one(BASE, "Secret", "audit-query")["stringData"]
-    settings = load_settings(query_cursor_secret=secret["QUERY_CURSOR_SECRET"])
-    assert len(settings.query_cursor_secret) >= 32
+SECRET_IN_TEXT = r"QUERY_CURSOR_SECRET[\"']?\s*[:=]\s*[\"']?([^\s\"']+)"
+
+
+def test_every_committed_cursor_key_is_one_the_query_service_refuses():
+    """Anything under knative/ is readable by anyone with a clone: none of it may sign cursors
+    (tests/test_query_attacks.py starts the service with the placeholder and sees it refuse)."""
+    found = set()
+    for path in KNATIVE.rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            for text in _strings(doc):
+                found.update(re.findall(SECRET_IN_TEXT, text))
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                data = {
+                    **doc.get("stringData", {}),
+                    **{k: base64.b64decode(v).decode() for k, v in doc.get("data", {}).items()},
+                }
+                if "QUERY_CURSOR_SECRET" in data:
+                    found.add(data["QUERY_CURSOR_SECRET"])
+    found.discard("...")
+    assert one(BASE, "Secret", "audit-query")["stringData"]["QUERY_CURSOR_SECRET"] in found
+    assert found <= query.COMMITTED_CURSOR_SECRETS  # each named as committed when refused
+    for secret in found:
+        assert "committed" in query.cursor_secret_problem(secret), secret
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
 
 
 @pytest.mark.parametrize("path", RENDERED)
@@ -351,7 +385,9 @@ def test_production_pins_tokens_on_in_its_own_patch():
 def test_production_does_not_deploy_the_placeholder_secrets():
     assert objects(PRODUCTION, "Secret") == []
     assert one(QUIET, "Secret", "audit-db")["stringData"]["DB_PASSWORD"]
-    assert one(QUIET, "Secret", "audit-query")["stringData"]["DB_PASSWORD"]
+    # The query service refuses the placeholder cursor key, so no cluster gets it: an
+    # apply of either overlay must not reset the key created out of band.
+    assert [s["metadata"]["name"] for s in objects(QUIET, "Secret")] == ["audit-db"]
 
 
 # ---------------------------------------------------------------- settings
@@ -478,8 +514,11 @@ def test_every_reference_resolves_within_the_rendered_objects(path):
                 if ref := var.get("valueFrom", {}).get("secretKeyRef"):
                     wanted.add(("Secret", ref["name"]))
     missing = wanted - present
+    # Created out of band, by design: every Secret in production, audit-query everywhere.
     if path == PRODUCTION:
-        assert missing == {("Secret", s) for s in SECRETS}  # created out of band, by design
+        assert missing == {("Secret", s) for s in SECRETS}
+    elif path == QUIET:
+        assert missing == {("Secret", "audit-query")}
     else:
         assert missing == set()
 

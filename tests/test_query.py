@@ -519,6 +519,10 @@ def test_the_query_role_cannot_change_the_trail(reader, settings):
             "TRUNCATE audit_events",
             f"SELECT count(*) FROM {store.partition_name(ROWS[20].month)}",
             "CREATE TABLE sneaky (x int)",
+            # Temporary tables too: PostgreSQL grants TEMP on a database to PUBLIC.
+            "CREATE TEMP TABLE sneaky (x int)",
+            "CREATE TEMPORARY TABLE audit_events (LIKE public.audit_events)",
+            "CREATE SCHEMA sneaky",
         ):
             with pytest.raises(DatabaseError) as denied:
                 conn.run(sql)
@@ -545,6 +549,12 @@ def test_the_role_statements_are_idempotent(settings, reader):
             r=role,
         )
         assert grants == [["SELECT"]]
+        database = conn.run("SELECT current_database()")[0][0]
+        for privilege in ("TEMPORARY", "CREATE"):
+            assert conn.run(
+                "SELECT has_database_privilege(:r, :d, :p)", r=role, d=database, p=privilege
+            ) == [[False]], privilege
+        assert conn.run("SELECT has_schema_privilege(:r, 'public', 'CREATE')", r=role) == [[False]]
     finally:
         conn.close()
 

@@ -1,7 +1,8 @@
 """`dev up` with the real manifests: read as an investigator with what it prints.
 
-The developer's path for issue 13: start `dev up`, mint a token with the
-printed command, call the printed query URL, open the page. Runs
+The developer's path: start `dev up`, mint a token with the printed command,
+call the printed query URL, open the page, and check the trail against its
+signed digests with the printed verifier key and `verify --database` command. Runs
 `knative/base` (topics renamed for this module) against the session's Kafka
 and PostgreSQL, so the query Service is the real one, connected as the
 read-only role that `dev up` creates, trusting the issuer the runner serves.
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import urllib3
 
@@ -40,8 +42,10 @@ def test_dev_up_prints_a_token_command_and_a_query_that_answers(topics, tmp_path
     }
     for name in ("KAFKA_EVENTS_TOPIC", "KAFKA_DLQ_TOPIC", "KAFKA_CONSUMER_GROUP", "DB_HOST"):
         env.pop(name, None)
+    # The venv's script, as `./dev up` runs it: the commands it prints name that script.
+    cli = str(Path(sys.executable).with_name("openg2p-audit"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "openg2p_audit.cli", "dev", "up", "--manifests", str(manifests),
+        [cli, "dev", "up", "--manifests", str(manifests),
          "--workdir", str(tmp_path / "work"), "--commit-interval", "0.2"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -66,8 +70,26 @@ def test_dev_up_prints_a_token_command_and_a_query_that_answers(topics, tmp_path
         _until(q, r"curl -H \"Authorization: Bearer \$TOKEN\"", seen, 5)
         query_line = _until(q, r"/v1/audit/events\?from=", seen, 5)
         page_line = _until(q, r"timeline page: http://127\.0\.0\.1:\d+/ui", seen, 5)
+        key_line = _until(q, r"^\s+INTEGRITY_VERIFIER_KEYS=\S+$", seen, 5)
+        verify_line = _until(q, r" verify --database$", seen, 5)
         _until(q, r"^ready\.", seen, 10)
         assert url in query_line and url in page_line
+        assert any(re.search(r"PingSource \S+ fired once at start: answered 200", x) for x in seen)
+
+        # The verifier key and the check, exactly as printed, in a shell that has nothing else:
+        # no settings, no sealing key; the trail holds the event sent above, not sealed yet.
+        verifier = key_line.strip().removeprefix("INTEGRITY_VERIFIER_KEYS=")
+        assert verifier in verify_line
+        bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+        checked = subprocess.run(verify_line.strip(), shell=True, cwd=REPO, env=bare,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert checked.stdout.startswith("OK: ") and "chain intact" in checked.stdout
+        # The same key is what an investigator would be given: it prints itself back.
+        printed = subprocess.run(f"INTEGRITY_VERIFIER_KEYS='{verifier}' {cli} integrity public-key",
+                                 shell=True, cwd=REPO, env=bare, capture_output=True, text=True,
+                                 timeout=60)  # fmt: skip
+        assert printed.stdout.strip() == verifier, printed.stderr
 
         assert "token --role audit.read --role audit.export)" in token_line
         minted = subprocess.run(

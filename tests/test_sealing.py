@@ -414,6 +414,25 @@ def test_rows_the_writer_path_stores_use_pg8000_types(db):
 # --------------------------------------------------------------------------- evidence
 
 
+def _verifier(s) -> str:
+    return str(
+        integrity.Signer.from_file(s.integrity_origin, s.integrity_signing_key_file).verifier
+    )
+
+
+def _investigator(monkeypatch, s, verifier: str) -> None:
+    """An investigator's environment: read access and the published verifier key only."""
+    _env(monkeypatch, s)
+    monkeypatch.delenv("INTEGRITY_SIGNING_KEY_FILE")
+    monkeypatch.setenv("INTEGRITY_VERIFIER_KEYS", verifier)
+
+
+def _bundle(monkeypatch, capsys, s, path, actor="officer-1") -> None:
+    since, until = (NOW - timedelta(days=1)).isoformat(), NOW.isoformat()
+    assert cli.main(["evidence", "--actor-id", actor, "--from", since, "--to", until,
+                     "-o", str(path)]) == 0, capsys.readouterr().err  # fmt: skip
+
+
 def test_an_evidence_bundle_verifies_and_fails_once_an_event_is_edited(
     db, monkeypatch, capsys, tmp_path
 ):
@@ -421,20 +440,20 @@ def test_an_evidence_bundle_verifies_and_fails_once_an_event_is_edited(
 
     rows = _fill(db)
     _seal(db, through=NOW)
-    _env(monkeypatch, db)
+    verifier = _verifier(db)
+    _investigator(monkeypatch, db, verifier)
     bundle = tmp_path / "bundle.zip"
-    since, until = (NOW - timedelta(days=1)).isoformat(), NOW.isoformat()
-    assert cli.main(["evidence", "--actor-id", "officer-1", "--from", since, "--to", until,
-                     "-o", str(bundle)]) == 0  # fmt: skip
+    _bundle(monkeypatch, capsys, db, bundle)
     selected = [r for r in rows if r.actor_id == "officer-1"]
     assert f"{len(selected)} event(s)" in capsys.readouterr().out
-    assert cli.main(["verify", "--bundle", str(bundle)]) == 0
+    assert cli.main(["verify", "--bundle", str(bundle)]) == 0  # INTEGRITY_VERIFIER_KEYS
     assert capsys.readouterr().out.startswith(f"OK: {len(selected)} event(s) proven included")
     with zipfile.ZipFile(bundle) as z:
         files = {n: z.read(n).decode() for n in z.namelist()}
     assert set(files) == {"events.jsonl", "proofs.jsonl", "digests.jsonl", "public-key.txt",
                           "README.txt"}  # fmt: skip
     assert "officer-1" in files["README.txt"]
+    assert files["public-key.txt"] == verifier + "\n"
 
     lines = files["events.jsonl"].splitlines()
     target = json.loads(lines[3])
@@ -450,6 +469,91 @@ def test_an_evidence_bundle_verifies_and_fails_once_an_event_is_edited(
     assert out.startswith("FAILED: hour ") and target["id"] in out and "was changed" in out
     # The bundle spans several hours, each proven in its own tree.
     assert len({json.loads(x)["hour"] for x in files["proofs.jsonl"].splitlines()}) == 3
+
+
+def test_a_bundle_is_never_checked_against_its_own_key(
+    db, key_files, monkeypatch, capsys, tmp_path, settings, postgres_server, base_settings
+):
+    """A forger seals forged rows with a key of their own and ships it in the bundle: with no
+    trusted key `verify` refuses (exit 2) instead of saying OK, and against the deployment's
+    key the forgery fails, naming the bundle's own key as untrusted."""
+    _fill(db)
+    _seal(db, through=NOW)
+    real = _verifier(db)
+    # The forger's trail: same origin, rows that say what they like, their own sealing key.
+    name = f"s_{uuid.uuid4().hex[:12]}"
+    forger = db.model_copy(update={
+        "database_url": _new_database(base_settings, postgres_server, name),
+        "integrity_signing_key_file": key_files[1], "kafka_digests_topic": f"t.{name}.digests",
+    })  # fmt: skip
+    ensure_topics(forger)
+    _fill(forger)
+    _seal(forger, through=NOW)
+    forged = tmp_path / "forged.zip"
+    _investigator(monkeypatch, forger, _verifier(forger))
+    _bundle(monkeypatch, capsys, forger, forged)
+    capsys.readouterr()
+
+    monkeypatch.delenv("INTEGRITY_VERIFIER_KEYS")
+    assert cli.main(["verify", "--bundle", str(forged)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "no trusted verifier key" in err and "public-key.txt proves nothing" in err
+
+    (tmp_path / "real.pub").write_text(real + "\n")
+    assert cli.main(["verify", "--bundle", str(forged), "--public-key",
+                     str(tmp_path / "real.pub")]) == 1  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED: hour ") and "digest signature" in out
+    assert f"bundle names its own key {_verifier(forger)}" in out
+    monkeypatch.setenv("INTEGRITY_VERIFIER_KEYS", real)  # the setting trusts the same way
+    assert cli.main(["verify", "--bundle", str(forged)]) == 1
+
+
+def test_evidence_and_the_public_key_need_only_the_verifier_key(db, monkeypatch, capsys, tmp_path):
+    """No INTEGRITY_SIGNING_KEY_FILE anywhere: an investigator has read access and the key."""
+    _fill(db)
+    _seal(db, through=NOW)
+    verifier = _verifier(db)
+    _investigator(monkeypatch, db, verifier)
+    assert cli.main(["integrity", "public-key"]) == 0
+    assert capsys.readouterr().out == verifier + "\n"
+    bundle = tmp_path / "bundle.zip"
+    _bundle(monkeypatch, capsys, db, bundle)
+    assert capsys.readouterr().out.startswith(f"wrote {bundle}")
+    assert cli.main(["verify", "--bundle", str(bundle)]) == 0
+    assert capsys.readouterr().out.startswith("OK: ")
+    # With neither key, both say what to set.
+    monkeypatch.delenv("INTEGRITY_VERIFIER_KEYS")
+    assert cli.main(["integrity", "public-key"]) == 2
+    assert "INTEGRITY_VERIFIER_KEYS" in capsys.readouterr().err
+    since, until = (NOW - timedelta(days=1)).isoformat(), NOW.isoformat()
+    assert cli.main(["evidence", "--actor-id", "officer-1", "--from", since, "--to", until,
+                     "-o", str(tmp_path / "b2.zip")]) == 2  # fmt: skip
+    assert "INTEGRITY_VERIFIER_KEYS" in capsys.readouterr().err
+    # A key that did not sign the digests: no bundle that could not be checked.
+    other = integrity.Signer("audit.test.openg2p.org/sealing",
+                             integrity.Ed25519PrivateKey.generate()).verifier  # fmt: skip
+    monkeypatch.setenv("INTEGRITY_VERIFIER_KEYS", str(other))
+    assert cli.main(["evidence", "--actor-id", "officer-1", "--from", since, "--to", until,
+                     "-o", str(tmp_path / "b3.zip")]) == 1  # fmt: skip
+    assert "does not verify with the given verifier keys" in capsys.readouterr().err
+    assert not (tmp_path / "b3.zip").exists()
+
+
+def test_a_key_printed_under_another_origin_is_named_as_such(db, monkeypatch, capsys, tmp_path):
+    """The sealing key's material, printed with a wrong INTEGRITY_ORIGIN: the verifier says
+    that the material matches and the name does not, and what the name should be."""
+    _fill(db)
+    _seal(db, through=NOW)
+    events, digests, pub = _files(monkeypatch, capsys, db, tmp_path)
+    monkeypatch.setenv("INTEGRITY_ORIGIN", "audit.example.org")
+    assert cli.main(["integrity", "public-key"]) == 0
+    pub.write_text(capsys.readouterr().out)
+    code, out = _verify(capsys, events, digests, pub)
+    assert code == 1
+    assert "same key material but the name 'audit.example.org'" in out, out
+    assert "INTEGRITY_ORIGIN=audit.test.openg2p.org/sealing" in out
 
 
 def test_the_digests_topic_keeps_everything(db):

@@ -9,6 +9,8 @@ decides which key and which algorithms PyJWT may use, and what a caller is told.
   key id the cache does not know triggers one refresh (the issuer rotated its
   keys), but at most one per `_MIN_REFRESH_SECONDS`, so a stream of tokens with
   made-up key ids cannot turn this service into a flood of requests to Keycloak.
+  One fetch at a time, outside any lock: known keys keep answering while the
+  issuer is slow or away (`JwksCache`).
 - Only asymmetric algorithms are accepted (settings refuse others), and each
   key verifies only with the algorithm its JWK names. `alg: none` and an HS256
   token "signed" with the public key (key confusion) are therefore refused.
@@ -77,36 +79,90 @@ class JwksUnavailable(Exception):
 
 
 class JwksCache:
-    """The issuer's signing keys by key id, fetched on demand and kept for a while."""
+    """The issuer's signing keys by key id, fetched on demand and kept for a while.
 
-    def __init__(self, url: str, cache_seconds: float):
+    No request waits behind another's fetch, and none waits for a fetch it does
+    not need. At most one fetch is in flight (in a thread of its own), and the
+    lock guards only the cache's fields, never the network:
+
+    - a known key is used at once, also while its keys are due for a refresh
+      (the refresh runs in the background) and, when the issuer cannot be
+      reached, for AUTH_JWKS_MAX_STALE_SECONDS past AUTH_JWKS_CACHE_SECONDS;
+    - a token that needs a fetch (no keys yet, a new key id, keys too stale)
+      waits for the one in flight, at most its timeout, alongside every other
+      such token;
+    - after a failed fetch none is tried for `min_refresh_seconds`, and tokens
+      without a usable key fail at once (503) instead of each trying again.
+    """
+
+    def __init__(self, url: str, cache_seconds: float, max_stale_seconds: float = 3600.0):
         self.url = url
         self.cache_seconds = cache_seconds
+        self.max_stale_seconds = max_stale_seconds
         self._http = urllib3.PoolManager(retries=False)
         self._lock = threading.Lock()
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = 0.0  # monotonic; 0 = never
+        self._flight: threading.Event | None = None  # set when the fetch in flight is done
+        self._failed: str | None = None  # why the last fetch failed, until one succeeds
+        self._retry_at = 0.0  # no fetch before this after a failure
         self.min_refresh_seconds = _MIN_REFRESH_SECONDS
 
-    def key(self, kid: str) -> jwt.PyJWK | None:
-        """The key with this id; refreshes when stale, or when the id is new (rate-limited)."""
-        with self._lock:
-            age = time.monotonic() - self._fetched_at
-            stale = self._fetched_at == 0 or age > self.cache_seconds
-            unknown = kid not in self._keys and age > self.min_refresh_seconds
-            if stale or unknown:
-                try:
-                    self._refresh()
-                except JwksUnavailable:
-                    if kid not in self._keys:
-                        raise
-                    # A known key stays usable while the issuer is briefly away.
-                    log.warning("JWKS refresh failed; using the cached keys")
-            return self._keys.get(kid)
+    def _state(self, kid: str) -> tuple[jwt.PyJWK | None, threading.Event | None]:
+        """Under the lock: the usable key for `kid` (or None), and the fetch to wait for."""
+        now = time.monotonic()
+        age = now - self._fetched_at if self._fetched_at else float("inf")
+        key = self._keys.get(kid)
+        if key is not None and age > self.cache_seconds + self.max_stale_seconds:
+            key = None  # too stale to trust any more
+        due = age > self.cache_seconds or (kid not in self._keys and age > self.min_refresh_seconds)
+        if due and self._flight is None and now >= self._retry_at:
+            self._flight = threading.Event()
+            threading.Thread(target=self._fetch, args=(self._flight,), name="jwks-fetch",
+                             daemon=True).start()  # fmt: skip
+        return key, (self._flight if due else None)
 
-    def _refresh(self) -> None:
+    def key(self, kid: str) -> jwt.PyJWK | None:
+        """The key with this id, or None (unknown); JwksUnavailable when it cannot be known."""
+        with self._lock:
+            key, flight = self._state(kid)
+        if key is not None:
+            return key
+        if flight is not None:
+            if not flight.wait(_JWKS_TIMEOUT_SECONDS + 1):
+                raise JwksUnavailable(f"{self.url} did not answer in time")
+            with self._lock:
+                key, _ = self._state(kid)
+        if key is not None:
+            return key
+        with self._lock:
+            failed = self._failed
+        if failed is not None:
+            raise JwksUnavailable(failed)
+        return None
+
+    def _fetch(self, flight: threading.Event) -> None:
         try:
-            resp = self._http.request("GET", self.url, timeout=_JWKS_TIMEOUT_SECONDS)
+            keys = self._download()
+        except JwksUnavailable as exc:
+            log.warning("JWKS fetch failed (cached keys, if any, stay usable a while): %s", exc)
+            with self._lock:
+                self._failed = str(exc)
+                self._retry_at = time.monotonic() + self.min_refresh_seconds
+        else:
+            with self._lock:
+                self._keys, self._fetched_at, self._failed = keys, time.monotonic(), None
+            log.info("JWKS fetched", extra={"url": self.url, "kids": sorted(keys)})
+        finally:
+            with self._lock:
+                self._flight = None
+            flight.set()
+
+    def _download(self) -> dict[str, jwt.PyJWK]:
+        try:
+            resp = self._http.request(
+                "GET", self.url, timeout=urllib3.Timeout(total=_JWKS_TIMEOUT_SECONDS)
+            )
         except urllib3.exceptions.HTTPError as exc:
             raise JwksUnavailable(f"cannot fetch {self.url}: {exc}") from exc
         if resp.status != 200:
@@ -115,9 +171,7 @@ class JwksCache:
             keyset = jwt.PyJWKSet.from_dict(json.loads(resp.data))
         except (ValueError, jwt.PyJWKSetError) as exc:
             raise JwksUnavailable(f"{self.url} holds no usable keys: {exc}") from exc
-        self._keys = {k.key_id: k for k in keyset.keys if k.key_id and k.public_key_use != "enc"}
-        self._fetched_at = time.monotonic()
-        log.info("JWKS fetched", extra={"url": self.url, "kids": sorted(self._keys)})
+        return {k.key_id: k for k in keyset.keys if k.key_id and k.public_key_use != "enc"}
 
 
 def roles_at(claims: Mapping[str, Any], paths: Iterable[str]) -> frozenset[str]:
@@ -179,7 +233,10 @@ class TokenVerifier:
         caches: dict[str, JwksCache] = {}
         for i in self.issuers.values():
             if i.jwks_url not in caches:
-                caches[i.jwks_url] = JwksCache(i.jwks_url, settings.auth_jwks_cache_seconds)
+                caches[i.jwks_url] = JwksCache(
+                    i.jwks_url, settings.auth_jwks_cache_seconds,
+                    settings.auth_jwks_max_stale_seconds,
+                )  # fmt: skip
         self._keys = {name: caches[i.jwks_url] for name, i in self.issuers.items()}
         self.keys = self._keys[first.issuer]
         self.cache_size = settings.auth_token_cache_size

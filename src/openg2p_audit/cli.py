@@ -132,7 +132,39 @@ def _print_dev_up(runner, live, cli: str) -> None:
         print('  curl -H "Authorization: Bearer $TOKEN" \\')
         print(f"    '{url}/v1/audit/events?from={since}&to={until}'")
         print(f"  timeline page: {url}/ui   (paste the token once)")
+    verifier = _dev_verifier_key(runner)
+    if verifier is not None:
+        print("\ntamper evidence: maintenance seals each closed hour with this dev up's own key")
+        print("(it ran once at start; each PingSource fire seals what has closed since). The")
+        print("verifier key, and the check of the trail against the signed digests:")
+        print(f"  INTEGRITY_VERIFIER_KEYS={verifier}")
+        print(f"  DATABASE_URL='{runner._database_url()}' INTEGRITY_VERIFIER_KEYS='{verifier}' "
+              f"{cli} verify --database")  # fmt: skip
     print("\nready. Ctrl-C stops everything.", flush=True)
+
+
+def _dev_verifier_key(runner):
+    """The verifier key of the sealing key the runner gave the maintenance Service, if any."""
+    from .integrity import Signer
+
+    for name, proc in runner.services.items():
+        path = proc.env.get("INTEGRITY_SIGNING_KEY_FILE")
+        if proc.env.get("FUNCTION_TARGET") == "maintain" and path and Path(path).is_file():
+            try:
+                origin = proc.env.get("INTEGRITY_ORIGIN") or "openg2p-audit"
+                return Signer.from_file(origin, path).verifier
+            except ValueError as exc:
+                log.warning("Service/%s: no verifier key to print: %s", name, exc)
+    return None
+
+
+def _first_maintenance(runner) -> None:
+    """Fire each PingSource once, as an hour of waiting would: the partitions ahead, and the
+    first signed digest, so that the printed `verify --database` holds from the start."""
+    for name in runner.pings:
+        outcome = runner.fire_ping(name)
+        status = outcome.status if outcome.status is not None else outcome.error
+        print(f"PingSource {name} fired once at start: answered {status}", flush=True)
 
 
 def _this_command() -> str:
@@ -245,6 +277,7 @@ def _cmd_dev_up(args: argparse.Namespace) -> int:
                 runner.start()
                 runner.wait_ready()
                 issuer.save_state()
+                _first_maintenance(runner)
                 _print_dev_up(runner, live, _this_command())
                 serving.set()
                 while not stop.wait(0.5):
@@ -325,8 +358,6 @@ def _cmd_query(args: argparse.Namespace) -> int:
     Same parameters, same validation and the same SQL as `audit-query`
     (`openg2p_audit.query`), straight from the database on a read-only session.
     """
-    import csv
-
     from . import query
 
     settings = load_settings()
@@ -341,7 +372,12 @@ def _cmd_query(args: argparse.Namespace) -> int:
             )
             return 1
         if args.id:
-            pages = iter([query.Page(query.fetch_event(conn, args.id), None)])
+            try:
+                event_id = query.parse_event_id(args.id)
+            except query.BadParameter as exc:
+                print(f"error: --id: {exc.message}", file=sys.stderr)
+                return 2
+            pages = iter([query.Page(query.fetch_event(conn, event_id), None)])
         else:
             try:
                 request = query.parse_page(_query_items(args, settings), settings, codec)
@@ -350,18 +386,19 @@ def _cmd_query(args: argparse.Namespace) -> int:
                 print(f"error: {option}: {exc.message}", file=sys.stderr)
                 return 2
             pages = _pages(conn, request, codec, follow=args.all)
-        writer = csv.writer(sys.stdout, lineterminator="\n") if args.format == "csv" else None
-        if writer is not None:
-            writer.writerow(query.CSV_COLUMNS)
+        # CSV cells as the service's export writes them, formulas neutralised alike.
+        csv = args.format == "csv"
+        if csv:
+            print(query.csv_line(query.CSV_COLUMNS))
         count, cursor = 0, None
         for page in pages:
             for event in page.events:
-                if writer is None:
+                if not csv:
                     print(json.dumps(event, ensure_ascii=False))
                 else:
                     details = event["details"]
                     event = {**event, "details": None if details is None else json.dumps(details)}
-                    writer.writerow([event[c] for c in query.CSV_COLUMNS])
+                    print(query.csv_line([event[c] for c in query.CSV_COLUMNS]))
             count += len(page.events)
             cursor = page.next_cursor
         print(f"({count} row(s) from {settings.database_dsn})", file=sys.stderr)
@@ -456,13 +493,32 @@ def _cmd_seal(args: argparse.Namespace) -> int:
 
 
 def _cmd_public_key(args: argparse.Namespace) -> int:
+    """The verifier key(s): INTEGRITY_VERIFIER_KEYS, else the sealing key's public half."""
     from . import sealing
 
-    try:
-        print(sealing.signer(load_settings()).verifier)
-    except sealing.SealingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings()
+    keys = settings.verifier_keys
+    if not keys:
+        if settings.integrity_signing_key_file is None:
+            print("error: set INTEGRITY_VERIFIER_KEYS (the deployment's published verifier key) "
+                  "or, where the digests are sealed, INTEGRITY_SIGNING_KEY_FILE",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            keys = [sealing.signer(settings).verifier]
+        except sealing.SealingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    elif settings.integrity_signing_key_file is not None:
+        try:
+            own = sealing.signer(settings).verifier
+        except sealing.SealingError:
+            own = None
+        if own is not None and own not in keys:
+            print(f"warning: the sealing key's verifier key {own} is not among "
+                  "INTEGRITY_VERIFIER_KEYS", file=sys.stderr)  # fmt: skip
+    for key in keys:
+        print(key)
     return 0
 
 
@@ -516,13 +572,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from . import integrity
 
     try:
+        keys = _keys(args)
         if args.bundle:
             from . import evidence
 
-            result = evidence.verify_bundle(args.bundle, _keys(args))
+            result = evidence.verify_bundle(args.bundle, keys)
             print(result)
             return 0
-        keys = _keys(args)
         if args.database:
             from . import sealing, store
 
@@ -552,7 +608,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_evidence(args: argparse.Namespace) -> int:
-    from . import evidence, query, sealing, store
+    from . import evidence, query
 
     settings = load_settings()
     items = [("from", args.from_), ("to", args.to)]
@@ -564,35 +620,52 @@ def _cmd_evidence(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
+        keys = _keys(args)
         filters = query.parse_filters(dict(items), settings)
-        conn = store.connect(settings, application_name="openg2p-audit-evidence")
+        # An investigator's tool: a read-only session, and the verifier key only.
+        conn = query.connect(settings, application_name="openg2p-audit-evidence")
         try:
-            count = evidence.build(settings, conn, filters, args.output)
+            count = evidence.build(settings, conn, filters, args.output, keys)
         finally:
             conn.close()
     except query.BadParameter as exc:
         print(f"error: --{exc.parameter.replace('_', '-')}: {exc.message}", file=sys.stderr)
         return 2
-    except (evidence.EvidenceError, sealing.SealingError) as exc:
+    except evidence.EvidenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}: {count} event(s) with their proofs")
     return 0
 
 
-def _keys(args: argparse.Namespace):
+def _keys(args: argparse.Namespace) -> list:
+    """The verifier keys to trust: --public-key FILE, else INTEGRITY_VERIFIER_KEYS.
+
+    Never a key that comes with what is checked: a bundle's public-key.txt is
+    made by whoever made the bundle. Only `verify --database`, run where the
+    digests are sealed, may fall back to the sealing key's public half.
+    ValueError (exit 2) when there is no key to trust.
+    """
     from . import integrity, sealing
 
     if args.public_key:
         return integrity.read_verifier_keys("\n".join(_read_lines(args.public_key)))
-    if args.database:
+    settings = load_settings()
+    if settings.verifier_keys:
+        return settings.verifier_keys
+    if getattr(args, "database", False) and settings.integrity_signing_key_file:
         try:
-            return [sealing.signer(load_settings()).verifier]
+            return [sealing.signer(settings).verifier]
         except sealing.SealingError as exc:
             raise ValueError(f"{exc}; or give --public-key FILE") from None
-    if args.bundle:
-        return None  # the bundle's own key, which the README tells to compare
-    raise ValueError("give --public-key FILE (`openg2p-audit integrity public-key` prints it)")
+    what = "a bundle's own public-key.txt proves nothing, " if getattr(args, "bundle", None) else ""
+    raise ValueError(
+        f"no trusted verifier key: {what}give --public-key FILE or set INTEGRITY_VERIFIER_KEYS "
+        "to the key the deployment publishes (`openg2p-audit integrity public-key`)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -720,7 +793,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     integ = sub.add_parser("integrity", help="the signing key's public half, digests, rows")
     integ_sub = integ.add_subparsers(dest="integrity_command", required=True)
-    pk = integ_sub.add_parser("public-key", help="print the verifier key (C2SP signed-note)")
+    pk = integ_sub.add_parser(
+        "public-key",
+        help="print the verifier key(s) (C2SP signed-note): INTEGRITY_VERIFIER_KEYS, else the "
+        "sealing key's public half",
+    )
     pk.set_defaults(func=_cmd_public_key)
     for name, func, what in (
         ("digests", _cmd_digests, "digests whose hour lies in [--from, --to), as JSON lines"),
@@ -746,6 +823,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--from", dest="from_", required=True, metavar="RFC3339")
     ev.add_argument("--to", required=True, metavar="RFC3339")
     ev.add_argument("-o", "--output", required=True, metavar="ZIP")
+    ev.add_argument(
+        "--public-key", metavar="FILE",
+        help="verifier key(s), one per line (default: INTEGRITY_VERIFIER_KEYS)",
+    )  # fmt: skip
     ev.set_defaults(func=_cmd_evidence)
 
     ver = sub.add_parser(
@@ -757,7 +838,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.add_argument("--events", metavar="FILE", help="rows, JSON lines (the export format)")
     ver.add_argument("--digests", metavar="FILE", help="digests, JSON lines")
-    ver.add_argument("--public-key", metavar="FILE", help="verifier key(s), one per line")
+    ver.add_argument(
+        "--public-key", metavar="FILE",
+        help="trusted verifier key(s), one per line (default: INTEGRITY_VERIFIER_KEYS)",
+    )  # fmt: skip
     ver.add_argument("--database", action="store_true",
                      help="read rows and digests from the database instead")  # fmt: skip
     ver.add_argument("--bundle", metavar="ZIP", help="an evidence bundle")

@@ -9,8 +9,13 @@ The zip holds:
   events.jsonl   the selected rows, in the query export's format
   proofs.jsonl   per row: the digest's sequence number, leaf index, tree size, audit path
   digests.jsonl  the covering digests (signed notes)
-  public-key.txt the verifier key(s) the digests were signed with
+  public-key.txt the verifier key(s) the digests were signed with, for reference only
   README.txt     what the above are and how to check them
+
+Building one needs read access and the verifier (public) key, never the sealing
+key: the covering digests are checked against the keys given before the bundle
+is written. Checking one needs a key the checker trusts, never the bundle's own
+public-key.txt: anyone can make a key pair and sign a bundle with it.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ events.jsonl holds the selected audit rows exactly as stored (the query
 export's JSON lines). For each, proofs.jsonl gives the RFC 6962 inclusion
 proof of its leaf, SHA-256(0x00 || RFC 8785 canonical JSON of the row), in the
 Merkle tree of one hourly digest in digests.jsonl. Each digest is a C2SP signed
-note (Ed25519) by the key in public-key.txt; compare that key with the one the
-operator of {origin} publishes (`openg2p-audit integrity public-key`).
+note (Ed25519). public-key.txt names the keys that signed them, for reference
+only: a bundle cannot vouch for itself. Check it with the verifier key that the
+operator of {origin} publishes (`openg2p-audit integrity public-key`), obtained
+from the operator, not from this bundle:
 
-Check it offline:  openg2p-audit verify --bundle THIS.zip [--public-key FILE]
+  openg2p-audit verify --bundle THIS.zip --public-key OPERATOR-KEY.pub
 """
 
 
@@ -62,16 +69,23 @@ def _hour_digests(conn, hour: datetime) -> list[tuple[Digest, str]]:
 
 
 def build(
-    settings, conn: pg8000.native.Connection, filters: query.Filters, output: str | Path
-) -> int:
-    """Write the bundle; return how many events it holds. Every event must be sealed."""
+    settings, conn: pg8000.native.Connection, filters: query.Filters, output: str | Path,
+    keys: Sequence[VerifierKey],
+) -> int:  # fmt: skip
+    """Write the bundle; return how many events it holds. Every event must be sealed, and
+    every covering digest must verify with one of `keys` (the verifier keys)."""
+    if not keys:
+        raise EvidenceError(
+            "no verifier key: give --public-key FILE or set INTEGRITY_VERIFIER_KEYS "
+            "(the key `openg2p-audit integrity public-key` prints)"
+        )
     lines = _select(conn, filters)
     if not lines:
         raise EvidenceError("no event matches the selection")
     by_hour: dict[str, list[str]] = {}
     for line in lines:
         by_hour.setdefault(integrity.hour_of(json.loads(line)["ingested_at"]), []).append(line)
-    proofs, notes, keys = [], {}, set()
+    proofs, notes, signed_by = [], {}, {}
     for hour_text, selected in sorted(by_hour.items()):
         hour = integrity.parse_hour(hour_text)
         digests = _hour_digests(conn, hour)
@@ -96,14 +110,13 @@ def build(
                           for p in integrity.inclusion_proof(tree, index)],
             })  # fmt: skip
         for d, note in digests:
+            try:
+                signed_by[d.seq] = integrity.open_note(note, keys)[1]
+            except IntegrityError as exc:
+                raise EvidenceError(f"digest {d.seq} (hour {d.hour}) does not verify with the "
+                                    f"given verifier keys: {exc.message}") from None  # fmt: skip
             notes[d.seq] = note
-            keys.add(d.key_id)
-    signer = sealing.signer(settings).verifier
-    public = [str(signer)]
-    missing = keys - {signer.key_id}
-    if missing:
-        public.append(f"# digests signed by earlier key(s) {', '.join(sorted(missing))}: "
-                      "add their verifier keys to check them")  # fmt: skip
+    public = sorted({str(k) for k in signed_by.values()})
     selection = ", ".join(f"{k}={v}" for k, v in filters.as_params().items())
     with zipfile.ZipFile(output, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("events.jsonl", "".join(line + "\n" for line in lines))
@@ -117,8 +130,14 @@ def build(
     return len(lines)
 
 
-def verify_bundle(path: str | Path, keys: Sequence[VerifierKey] | None) -> str:
-    """Check every event of a bundle against its proof and signed digest; one line if all hold."""
+def verify_bundle(path: str | Path, keys: Sequence[VerifierKey]) -> str:
+    """Check every event of a bundle against its proof and signed digest; one line if all hold.
+
+    `keys` are the keys the checker trusts; the bundle's own public-key.txt is
+    only named in the error when its keys are not among them.
+    """
+    if not keys:
+        raise ValueError("no trusted verifier key")
     try:
         with zipfile.ZipFile(path) as z:
             files = {n: z.read(n).decode() for n in z.namelist()}
@@ -127,16 +146,18 @@ def verify_bundle(path: str | Path, keys: Sequence[VerifierKey] | None) -> str:
     for name in ("events.jsonl", "proofs.jsonl", "digests.jsonl", "public-key.txt"):
         if name not in files:
             raise ValueError(f"not an evidence bundle: {name} is missing")
-    if keys is None:
-        keys = integrity.read_verifier_keys(
-            "\n".join(x for x in files["public-key.txt"].splitlines() if not x.startswith("#"))
-        )
+    trusted = {str(k) for k in keys}
+    shipped = [x.strip() for x in files["public-key.txt"].splitlines()
+               if x.strip() and not x.startswith("#")]  # fmt: skip
+    untrusted = [k for k in shipped if k not in trusted]
     digests: dict[int, Digest] = {}
     for note in integrity.read_digest_lines(files["digests.jsonl"].splitlines()):
         try:
             body, _ = integrity.open_note(note, keys)
         except IntegrityError as exc:
-            raise IntegrityError(f"digest signature: {exc.message}",
+            hint = (f" (the bundle names its own key {', '.join(untrusted)}, which is not a "
+                    "trusted one)") if untrusted else ""  # fmt: skip
+            raise IntegrityError(f"digest signature: {exc.message}{hint}",
                                  integrity._peek_hour(note)) from None  # fmt: skip
         d = Digest.parse(body)
         digests[d.seq] = d

@@ -48,7 +48,7 @@ from .contract import AuditEvent, Limits, Problem, check_event
 from .http_binding import BATCH, STRUCTURED, binary_attributes, is_binary, media_type
 from .kafka_binding import KafkaRecord, encode
 from .observability import configure_logging, metrics_response
-from .policy import SourcePolicy, dumps_claims
+from .policy import SourcePolicy, dumps_claims, reserved
 from .producer import Unavailable, drain_on_sigterm, producer_for
 from .settings import SettingsError, load_settings
 
@@ -383,6 +383,11 @@ def _authorise(events: list[AuditEvent], batch: bool, caller: Principal | None) 
     ]  # fmt: skip
     if bad:
         raise Rejected(400, bad, len(events))
+    # The query service's family is refused even with INGEST_AUTH=disabled (policy.reserved).
+    taken = [Problem("forbidden", why[1], why[0], i if batch else None)
+             for i, e in enumerate(events) if (why := reserved(e.source, e.type))]  # fmt: skip
+    if taken:
+        raise Rejected(403, taken, len(events))
     if caller is None or POLICY is None:
         return
     claims = dict(caller.claims)

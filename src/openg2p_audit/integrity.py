@@ -380,13 +380,22 @@ def check_body(body: str) -> None:
 
 
 def open_note(note: str, keys: Iterable[VerifierKey]) -> tuple[str, VerifierKey]:
-    """The body of a signed note and the key that signed it; IntegrityError otherwise."""
+    """The body of a signed note and the key that signed it; IntegrityError otherwise.
+
+    A key is its name and its material together (the key hash covers both). When
+    no given key signed the note, the error says what is nearest: a given key whose
+    material did sign it under another name (a key printed with another
+    INTEGRITY_ORIGIN), or given keys with the signer's name but other material
+    (a rotated key), so that a wrong setting is not taken for a forgery.
+    """
+    keys = list(keys)
     body, sep, signatures = note.rpartition("\n\n")
     if not sep:
         raise IntegrityError("the digest is not a signed note (no blank line before signatures)")
     body += "\n"
     by_hash = {(k.name, k.key_hash): k for k in keys}
-    seen_name = False
+    signers: list[str] = []
+    renamed: list[tuple[str, VerifierKey]] = []
     for line in signatures.splitlines():
         if not line.startswith(_SIG_PREFIX):
             raise IntegrityError("a signed note's signature line starts with an em dash")
@@ -397,14 +406,34 @@ def open_note(note: str, keys: Iterable[VerifierKey]) -> tuple[str, VerifierKey]
             raise IntegrityError("a signature is not base64") from None
         key = by_hash.get((name, raw[:4]))
         if key is None:
-            seen_name = seen_name or any(k.name == name for k in keys)
+            signers.append(f"{name}+{raw[:4].hex()}")
+            renamed += [
+                (name, k) for k in keys
+                if k.name != name and _key_hash(name, k.public) == raw[:4]
+                and k.verify(body.encode(), raw[4:])
+            ]  # fmt: skip
             continue
         if key.verify(body.encode(), raw[4:]):
             return body, key
         raise IntegrityError(f"the signature of key {name}+{key.key_id} does not verify")
-    if seen_name:
-        raise IntegrityError("signed with a key that is not among the given public keys")
-    raise IntegrityError("signed by no key among the given public keys")
+    if renamed:
+        name, k = renamed[0]
+        raise IntegrityError(
+            f"signed by {name}+{_key_hash(name, k.public).hex()}: the given key {k} has the "
+            f"same key material but the name {k.name!r}, not {name!r} (a verifier key printed "
+            f"with another INTEGRITY_ORIGIN); print it again with INTEGRITY_ORIGIN={name}"
+        )
+    named = sorted(str(k) for k in keys if any(s.startswith(k.name + "+") for s in signers))
+    if named:
+        raise IntegrityError(
+            f"signed by {', '.join(signers)}, which is not among the given public keys; those "
+            f"named alike are other keys ({', '.join(k.split('+')[1] for k in named)}): give "
+            "the key that signed it too (an earlier key, before a rotation?)"
+        )
+    raise IntegrityError(
+        f"signed by {', '.join(signers) or 'no key'}, which is none of the given public keys"
+        f" ({', '.join(f'{k.name}+{k.key_id}' for k in keys) or 'none'})"
+    )
 
 
 # --------------------------------------------------------------------------- digests

@@ -48,6 +48,24 @@ class _Document(BaseModel):
     callers: dict[str, _Rule]
 
 
+# The query service's own audit events ("who read what"): it produces them straight to
+# Kafka (producer.py), never through ingest. Ingest refuses this source and type family
+# from every caller, whatever the policy says, or an emitter allowed `*` could record reads
+# that no investigator made. Compared case-insensitively, so no lookalike gets through.
+QUERY_SOURCE = "/openg2p/audit/query"
+QUERY_TYPE_PREFIX = "org.openg2p.audit.query."
+
+
+def reserved(source: str, type_: str) -> tuple[str, str] | None:
+    """(field, why) when no caller may emit this event through ingest, else None."""
+    kind, origin = type_.casefold(), source.casefold()
+    if kind.startswith(QUERY_TYPE_PREFIX) or kind == QUERY_TYPE_PREFIX[:-1]:
+        return "type", f"type {type_!r} is reserved: only the query service records reads"
+    if origin == QUERY_SOURCE or origin.startswith(QUERY_SOURCE + "/"):
+        return "source", f"source {source!r} is reserved: only the query service records reads"
+    return None
+
+
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
@@ -113,6 +131,9 @@ class SourcePolicy:
         return None
 
     def check(self, claims: dict[str, Any], source: str, type_: str) -> Decision:
+        taken = reserved(source, type_)
+        if taken:
+            return Decision(False, taken[1])
         found = self.rule_for(claims)
         if found is None:
             return Decision(False, "the caller is not named in the source policy")

@@ -26,15 +26,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import csv
 import hashlib
 import hmac
-import io
 import json
 import logging
 import queue
 import re
 import secrets
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -80,8 +79,15 @@ EVENT_COLUMNS = (*store.COLUMNS, "ingested_at")
 # The flat columns of the CSV export: every column, `details` as JSON text.
 CSV_COLUMNS = EVENT_COLUMNS
 
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
-_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+# ASCII digits only, matched against the whole text: Python's \d and int() also take other
+# scripts' digits (U+0663), str.isdigit() superscripts too ('²', which int() then refuses:
+# a 500), and `$` matches before a final newline.
+_D2, _D4 = "[0-9]{2}", "[0-9]{4}"
+_RFC3339 = re.compile(
+    rf"{_D4}-{_D2}-{_D2}[Tt]{_D2}:{_D2}:{_D2}(\.[0-9]{{1,9}})?([Zz]|[+-]{_D2}:{_D2})"
+)
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_LIMIT = re.compile(r"[0-9]{1,4}")
 _TS = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
 
@@ -142,14 +148,14 @@ def _z(moment: datetime) -> str:
 
 def parse_time(parameter: str, text: str) -> datetime:
     """RFC 3339 with a zone (`Z` or an offset); fractions beyond microseconds are cut."""
-    if not _RFC3339.match(text):
+    if not _RFC3339.fullmatch(text):
         hint = " (a '+' in a URL must be sent as %2B)" if " " in text else ""
         raise BadParameter(
             parameter, f"must be an RFC 3339 time such as 2026-04-01T00:00:00Z{hint}"
         )
     head, dot, rest = text.partition(".")
     if dot:
-        digits = re.match(r"\d+", rest).group(0)  # type: ignore[union-attr]
+        digits = re.match(r"[0-9]+", rest).group(0)  # type: ignore[union-attr]
         text = f"{head}.{digits[:6].ljust(6, '0')}{rest[len(digits) :]}"
     try:
         moment = datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
@@ -169,17 +175,34 @@ def _single(items: Sequence[tuple[str, str]], allowed: Sequence[str]) -> dict[st
     return values
 
 
-def _text(values: dict[str, str], name: str) -> str | None:
-    value = values.get(name)
-    if value is None:
-        return None
+def check_text(name: str, value: str) -> str:
+    """A value that may reach SQL as a bound text parameter, or BadParameter naming it.
+
+    PostgreSQL cannot hold U+0000 in text (the statement would fail: a 5xx, not
+    the caller's 400), a lone surrogate cannot be encoded for the wire, and no
+    stored value is longer than the indexed-size limit.
+    """
     if value == "":
         raise BadParameter(name, "must not be empty (leave the parameter out instead)")
     if "\x00" in value:
         raise BadParameter(name, "must not contain NUL")
-    if len(value.encode("utf-8", "surrogatepass")) > store.MAX_INDEXED_BYTES:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BadParameter(name, "must be valid UTF-8 text") from None
+    if size > store.MAX_INDEXED_BYTES:
         raise BadParameter(name, f"is longer than {store.MAX_INDEXED_BYTES} bytes")
     return value
+
+
+def _text(values: dict[str, str], name: str) -> str | None:
+    value = values.get(name)
+    return None if value is None else check_text(name, value)
+
+
+def parse_event_id(text: str) -> str:
+    """The `{id}` of `GET /v1/audit/events/{id}` (and `/ui/events/{id}`), checked like a filter."""
+    return check_text("id", text)
 
 
 def parse_filters(values: dict[str, str], settings: Settings) -> Filters:
@@ -206,7 +229,7 @@ def parse_filters(values: dict[str, str], settings: Settings) -> Filters:
     if outcome is not None and outcome not in {o.value for o in Outcome}:
         raise BadParameter("outcome", f"one of {', '.join(o.value for o in Outcome)}")
     trace = texts["trace_id"]
-    if trace is not None and not _TRACE_ID.match(trace):
+    if trace is not None and not _TRACE_ID.fullmatch(trace):
         raise BadParameter("trace_id", "32 lowercase hex digits (the W3C trace id)")
     return Filters(from_=start, to=end, **texts)
 
@@ -220,7 +243,7 @@ def parse_page(
     limit = DEFAULT_LIMIT
     if "limit" in values:
         text = values["limit"]
-        if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        if not _LIMIT.fullmatch(text) or not 1 <= int(text) <= MAX_LIMIT:
             raise BadParameter("limit", f"an integer from 1 to {MAX_LIMIT}")
         limit = int(text)
     after = codec.decode(values["cursor"], filters) if "cursor" in values else None
@@ -238,6 +261,28 @@ def parse_export(items: Sequence[tuple[str, str]], settings: Settings) -> tuple[
 
 
 # --------------------------------------------------------------------------- cursors
+
+
+# Cursor keys that anyone with a clone of this repository can read: the placeholders
+# committed in knative/ (a test checks that every QUERY_CURSOR_SECRET there is listed).
+# Whoever holds the key signs any cursor it likes, so the query service will not start
+# with one of these, nor with anything else that is plainly not a random key.
+COMMITTED_CURSOR_SECRETS = frozenset({"change-me-to-64-random-hex-characters-0123456789abcdef"})
+_PLACEHOLDER_WORDS = ("change-me", "changeme", "change_me", "replace-me", "placeholder")
+
+
+def cursor_secret_problem(secret: str) -> str | None:
+    """Why `secret` must not sign cursors, or None when it may."""
+    if secret in COMMITTED_CURSOR_SECRETS:
+        return (
+            "is the placeholder committed in knative/base/query-secret.yaml, which anyone "
+            "with a clone of the repository can read"
+        )
+    if any(word in secret.lower() for word in _PLACEHOLDER_WORDS):
+        return "is a placeholder, not a key"
+    if len(set(secret)) < 10:
+        return "has fewer than 10 distinct characters, so it is not a random key"
+    return None
 
 
 class CursorCodec:
@@ -268,10 +313,24 @@ class CursorCodec:
             raise bad from None
         if not hmac.compare_digest(mac, self._mac(payload)):
             raise bad
-        occurred_at, event_id, fingerprint = json.loads(payload)
-        if base64.b64decode(fingerprint) != filters.fingerprint():
+        # Signed by this key, but still checked as input: whoever holds the key (or a
+        # leaked one) must get a 400 for a payload encode() never makes, not a 500.
+        try:
+            fields = json.loads(payload)
+        except ValueError:  # not JSON, or not UTF-8
+            raise bad from None
+        if not (isinstance(fields, list) and len(fields) == 3
+                and all(isinstance(f, str) for f in fields)):  # fmt: skip
+            raise bad
+        occurred_at, event_id, fingerprint = fields
+        try:
+            fingerprint_bytes = base64.b64decode(fingerprint, validate=True)
+            after = parse_time("cursor", occurred_at), check_text("cursor", event_id)
+        except (ValueError, binascii.Error):
+            raise bad from None
+        if fingerprint_bytes != filters.fingerprint():
             raise BadParameter("cursor", "belongs to a query with other filters")
-        return parse_time("cursor", occurred_at), event_id
+        return after
 
 
 def _b64(data: bytes) -> str:
@@ -302,18 +361,50 @@ _JSON_LINE = (
 )
 
 
+# A cell a spreadsheet would evaluate as a formula (OWASP, "CSV Injection"): one that starts
+# with = + - @, a tab or a carriage return, or that reaches = + - @ after leading blanks (a
+# spreadsheet that trims cells on import). Such a cell gets a leading apostrophe, which
+# spreadsheets take as "this is text" and do not show, and is always quoted. The rule is
+# written once for PostgreSQL (the service's export) and once for Python (`csv_cell`, the
+# CLI); a test holds the two equal. The JSON lines are never altered.
+_FORMULA = r"^([\t\r]|[ \t\r\n]*[=+@-])"
+_NEEDS_QUOTES = r'[,"\r\n]'
+_FORMULA_RE = re.compile(_FORMULA)
+_NEEDS_QUOTES_RE = re.compile(_NEEDS_QUOTES)
+
+
 def _csv_field(expr: str) -> str:
-    """One CSV field as Python's csv module writes it (QUOTE_MINIMAL): quoted only when it
-    holds a comma, a quote or a line break, quotes doubled, NULL as nothing."""
+    """One CSV field: quoted when it holds a comma, a quote or a line break (as the csv
+    module's QUOTE_MINIMAL), quotes doubled, NULL as nothing, formulas neutralised."""
+    escaped = f"replace({expr}, '\"', '\"\"')"
     return (
-        f"CASE WHEN {expr} IS NULL THEN '' WHEN {expr} ~ '[,\"\\r\\n]' "
-        f"THEN '\"' || replace({expr}, '\"', '\"\"') || '\"' ELSE {expr} END"
+        f"CASE WHEN {expr} IS NULL THEN '' "
+        f"WHEN {expr} ~ '{_FORMULA}' THEN '\"''' || {escaped} || '\"' "
+        f"WHEN {expr} ~ '{_NEEDS_QUOTES}' THEN '\"' || {escaped} || '\"' "
+        f"ELSE {expr} END"
     )
 
 
-# Built by PostgreSQL, as the JSON lines are: one text value per row.
+def csv_cell(value: str | None) -> str:
+    """`_csv_field` in Python: the same cell for the same value."""
+    if value is None:
+        return ""
+    if _FORMULA_RE.match(value):
+        return "\"'" + value.replace('"', '""') + '"'
+    if _NEEDS_QUOTES_RE.search(value):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def csv_line(values: Sequence[str | None]) -> str:
+    """One CSV line (without its line break) from the cells' texts."""
+    return ",".join(csv_cell(v) for v in values)
+
+
+# Built by PostgreSQL, as the JSON lines are: one text value per row. The two times are
+# never NULL and their format holds nothing to quote or neutralise, so they go in as they are.
 _CSV_LINE = " || ',' || ".join(
-    _csv_field(_TS.format(name) if name in ("occurred_at", "ingested_at") else f"{name}::text")
+    _TS.format(name) if name in ("occurred_at", "ingested_at") else _csv_field(f"{name}::text")
     for name in CSV_COLUMNS
 )
 
@@ -406,9 +497,7 @@ def export_chunks(
     the audit event carries, see one snapshot.
     """
     if fmt == "csv":
-        header = io.StringIO()
-        csv.writer(header, lineterminator="\r\n").writerow(CSV_COLUMNS)
-        yield header.getvalue().encode()
+        yield (csv_line(CSV_COLUMNS) + "\r\n").encode()
     after: tuple[datetime, str] | None = None
     left = cap
     # The key comes back as text: the driver would otherwise build a datetime for every
@@ -461,18 +550,43 @@ def can_write(conn: pg8000.native.Connection) -> bool:
     )
 
 
-class Database:
-    """A few connections per process, reused across requests (each used by one thread)."""
+class PoolExhausted(Exception):
+    """Every connection this process may hold is in use: answered 503, never a new one."""
 
-    # As many as the default thread pool runs at once on a small pod (min(32, CPUs + 4)),
-    # plus a couple for exports, which keep theirs between batches.
-    def __init__(self, settings: Settings, size: int = 8):
+
+# How long a read waits for one of the pool's connections before it is answered 503.
+POOL_WAIT_SECONDS = 1.0
+
+
+class Database:
+    """At most QUERY_DB_POOL_SIZE connections per process, reused across requests.
+
+    Each is used by one thread at a time; an export keeps its connection between
+    batches. The bound is what keeps a burst of reads or a pile of slow exports
+    from opening connections until PostgreSQL's `max_connections` refuses the
+    writer too: the read that would need one more waits `POOL_WAIT_SECONDS` for
+    one to come back, then gets PoolExhausted (503, `cause: database_busy`).
+    """
+
+    def __init__(self, settings: Settings, size: int | None = None):
         self.settings = settings
-        self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue(size)
+        self.size = size or settings.query_db_pool_size
+        self._idle: queue.LifoQueue[pg8000.native.Connection] = queue.LifoQueue(self.size)
+        self._slots = threading.BoundedSemaphore(self.size)
         self.writable_role_reported = False
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[pg8000.native.Connection]:
+        if not self._slots.acquire(timeout=POOL_WAIT_SECONDS):
+            raise PoolExhausted(f"all {self.size} database connections of this process are in use")
+        try:
+            with self._checked_out() as conn:
+                yield conn
+        finally:
+            self._slots.release()
+
+    @contextlib.contextmanager
+    def _checked_out(self) -> Iterator[pg8000.native.Connection]:
         try:
             conn = self._idle.get_nowait()
         except queue.Empty:
@@ -523,19 +637,41 @@ def reader_role_statements(role: str, password: str | None, database: str) -> li
     Run by the table's owner after the writer created the schema. Grants on a
     partitioned table cover reads through it; the partitions themselves stay
     closed to the role, so it cannot reach rows except through `audit_events`.
+
+    PostgreSQL lets every role (PUBLIC) create temporary tables in a database:
+    a reader with TEMP could fill the disk or shadow `audit_events` with a temp
+    table of the same name for a session that forgot its schema. That right is
+    taken from PUBLIC on the audit database (nothing of the trail uses temporary
+    tables; the database's owner keeps it) and from the role. The last statement
+    checks the outcome and fails, naming what is left, when the role can still
+    create temporary tables or tables in `public` (which PostgreSQL 14 and older
+    grant to PUBLIC): REVOKE by someone who may not does nothing but warn.
     """
     ident = pg8000.native.identifier(role)
+    db = pg8000.native.identifier(database)
+    name, db_name = pg8000.native.literal(role), pg8000.native.literal(database)
     auth = f"PASSWORD {pg8000.native.literal(password)}" if password else "PASSWORD NULL"
     return [
         "DO $$ BEGIN"
-        f" IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {pg8000.native.literal(role)})"
+        f" IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {name})"
         f" THEN CREATE ROLE {ident} LOGIN; END IF; END $$",
         f"ALTER ROLE {ident} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS {auth}",
         f"ALTER ROLE {ident} SET default_transaction_read_only = on",
-        f"GRANT CONNECT ON DATABASE {pg8000.native.identifier(database)} TO {ident}",
+        f"GRANT CONNECT ON DATABASE {db} TO {ident}",
+        f"REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC",
+        f"REVOKE CREATE, TEMPORARY ON DATABASE {db} FROM {ident}",
         f"GRANT USAGE ON SCHEMA public TO {ident}",
+        f"REVOKE CREATE ON SCHEMA public FROM {ident}",
         f"REVOKE ALL ON {TABLE} FROM {ident}",
         f"GRANT SELECT ON {TABLE} TO {ident}",
+        "DO $$ BEGIN"
+        f" IF has_database_privilege({name}, {db_name}, 'TEMPORARY') THEN RAISE EXCEPTION"
+        " 'role % can still create temporary tables in database %: run these statements as"
+        f" the database''s owner', {name}, {db_name}; END IF;"
+        f" IF has_schema_privilege({name}, 'public', 'CREATE') THEN RAISE EXCEPTION"
+        " 'role % can create tables in schema public: run REVOKE CREATE ON SCHEMA public"
+        f" FROM PUBLIC as its owner (PostgreSQL 15 and later do so by default)', {name};"
+        " END IF; END $$",
     ]
 
 

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ from .auth import AuthError, Principal, TokenVerifier, authenticate, refusal
 from .contract import AuditEvent
 from .kafka_binding import encode
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
+from .policy import QUERY_SOURCE, QUERY_TYPE_PREFIX
 from .producer import Unavailable, producer_for
 from .settings import SettingsError, load_settings
 
@@ -55,6 +56,13 @@ if not SETTINGS.kafka_configured:
 if not SETTINGS.database_configured:
     raise SettingsError("DATABASE_URL (or DB_HOST and friends) is not set")
 VERIFIER = TokenVerifier(SETTINGS)
+if SETTINGS.query_cursor_secret is not None:
+    _problem = reads.cursor_secret_problem(SETTINGS.query_cursor_secret)
+    if _problem:
+        raise SettingsError(
+            f"QUERY_CURSOR_SECRET {_problem}: with it anyone can sign cursors; put a generated "
+            "key in the Secret audit-query (openssl rand -hex 32)"
+        )
 CURSORS = reads.CursorCodec(SETTINGS.query_cursor_secret)
 if SETTINGS.query_cursor_secret is None:
     log.warning(
@@ -67,9 +75,11 @@ AUDIT_PRODUCER_SETTINGS = SETTINGS.model_copy(update={"ingest_linger_ms": 0})
 
 READ_ROLE = "audit.read"
 EXPORT_ROLE = "audit.export"
-SOURCE = "/openg2p/audit/query"
-PERFORMED = "org.openg2p.audit.query.performed"
-EXPORTED = "org.openg2p.audit.query.exported"
+# Ingest refuses this source and type family from every caller (policy.py): these events
+# come only from here, produced straight to Kafka.
+SOURCE = QUERY_SOURCE
+PERFORMED = QUERY_TYPE_PREFIX + "performed"
+EXPORTED = QUERY_TYPE_PREFIX + "exported"
 JSON_MEDIA = "application/json"
 
 prepare_multiprocess_metrics()
@@ -79,6 +89,15 @@ REQUESTS = Counter(
     ["endpoint", "status"],
 )
 ROWS = Counter("audit_query_rows_total", "Rows answered, by endpoint", ["endpoint"])
+BUSY = Counter(
+    "audit_query_pool_exhausted_total",
+    "Reads answered 503 because every connection of the pool was in use",
+)
+EXPORTS_CUT = Counter(
+    "audit_query_exports_cut_total",
+    "Exports ended before their last row: QUERY_EXPORT_MAX_SECONDS or QUERY_EXPORT_IDLE_SECONDS",
+    ["reason"],
+)
 LATENCY = Histogram(
     "audit_query_seconds",
     "From the request to the answer's headers (exports: before the first row)",
@@ -130,9 +149,19 @@ async def in_database(work: Callable[..., T], *args: Any) -> T:
 
     try:
         return await asyncio.to_thread(run)
+    except reads.PoolExhausted as exc:
+        raise _busy(exc) from exc
     except (DatabaseError, InterfaceError, OSError) as exc:
         log.warning("database unavailable: %s", exc)
         raise ReadFailed("database_unavailable", "the database did not answer") from exc
+
+
+def _busy(exc: reads.PoolExhausted) -> ReadFailed:
+    log.warning("read refused, answering 503: %s", exc)
+    BUSY.inc()
+    return ReadFailed(
+        "database_busy", "every database connection of this instance is in use; retry shortly"
+    )
 
 
 # --------------------------------------------------------------------------- auditing reads
@@ -204,10 +233,20 @@ async def list_events(
 
 
 async def get_event(principal: Principal, event_id: str, request: Request) -> list[dict]:
+    """The stored events with this id (BadParameter, ReadFailed); audited before returned."""
+    event_id = reads.parse_event_id(event_id)
     events = await in_database(reads.fetch_event, event_id)
     context = {"filters": {"id": event_id}, "rows": len(events)}
     await audit_read(read_event(PERFORMED, principal, context, request, resource_id=event_id))
     return events
+
+
+class ExportCut(Exception):
+    """The export hit one of its bounds (`cause`: duration, idle) and ends before its last row."""
+
+    def __init__(self, cause: str, message: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 class _Export:
@@ -218,6 +257,10 @@ class _Export:
     export (COMMIT, the connection back to the pool) takes the same lock, waiting
     for that batch, in a thread of its own: a cancelled task cannot be relied on to
     await anything more.
+
+    `cut` ends the export from outside (its duration bound): the snapshot is let
+    go at once (after the batch in progress) and the stream, wherever it is, ends
+    without its last chunk, so the client cannot take a cut export for a whole one.
     """
 
     def __init__(self, filters: reads.Filters, fmt: str, cap: int):
@@ -227,6 +270,7 @@ class _Export:
         self._conn = None
         self._chunks: Iterator[bytes] | None = None
         self._open = False
+        self.cut_reason: str | None = None
 
     def begin(self) -> int:
         """Open the snapshot and count the rows (one past the cap, to know it truncates)."""
@@ -243,6 +287,8 @@ class _Export:
 
     def next_chunk(self) -> bytes | None:
         with self._lock:
+            if self.cut_reason is not None:
+                raise ExportCut("duration", self.cut_reason)
             if not self._open:
                 return None
             if self._chunks is None:
@@ -264,37 +310,100 @@ class _Export:
     def close_soon(self) -> None:
         threading.Thread(target=self.close, name="export-close", daemon=True).start()
 
+    def cut(self, reason: str) -> None:
+        """End the export now, whatever the stream is doing (called on the event loop)."""
+        if self.cut_reason is None:
+            self.cut_reason = reason
+        self.close_soon()
+
+
+# The export is sent in pieces of this size, each of which the client must take within
+# QUERY_EXPORT_IDLE_SECONDS (a batch of 5,000 rows is a few MiB).
+SEND_BYTES = 256 * 1024
+
+
+class _ExportResponse(StreamingResponse):
+    """The export's body, bounded in time so that no reader holds a snapshot for long.
+
+    Two bounds, each ending the response without its last chunk (the connection is
+    closed mid-body, so the client sees an incomplete download, not a short one):
+
+    - QUERY_EXPORT_MAX_SECONDS from the snapshot's start: a timer cuts the export
+      even when nothing else runs (a stream never started, a send stuck for good);
+    - QUERY_EXPORT_IDLE_SECONDS for the client to take each SEND_BYTES more: a
+      reader that stopped reading is given up on long before the duration bound,
+      one that reads slowly but steadily is not.
+
+    The next batch is fetched while this one is sent: PostgreSQL and the driver work
+    while the socket drains, and at most two batches are held however long the export.
+    """
+
+    def __init__(
+        self, job: _Export, rows: int, timer: asyncio.TimerHandle, headers: dict[str, str],
+        media_type: str,
+    ):  # fmt: skip
+        super().__init__((), 200, headers, media_type=media_type)
+        self.job, self.rows, self.timer = job, rows, timer
+
+    async def stream_response(self, send) -> None:
+        job, idle = self.job, SETTINGS.query_export_idle_seconds
+        pending: asyncio.Future | None = None
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})  # fmt: skip
+            pending = asyncio.ensure_future(asyncio.to_thread(job.next_chunk))
+            while (chunk := await pending) is not None:
+                pending = asyncio.ensure_future(asyncio.to_thread(job.next_chunk))
+                view = memoryview(chunk)
+                for at in range(0, len(view), SEND_BYTES):
+                    message = {"type": "http.response.body", "body": view[at : at + SEND_BYTES],
+                               "more_body": True}  # fmt: skip
+                    try:
+                        await asyncio.wait_for(send(message), idle)
+                    except TimeoutError:
+                        raise ExportCut(
+                            "idle",
+                            f"the client took less than {SEND_BYTES // 1024} KiB in"
+                            f" {idle:g} s (QUERY_EXPORT_IDLE_SECONDS)",
+                        ) from None
+                    if job.cut_reason is not None:  # the duration bound, mid-batch
+                        raise ExportCut("duration", job.cut_reason)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            ROWS.labels("export").inc(self.rows)
+        except ExportCut as exc:
+            EXPORTS_CUT.labels(exc.cause).inc()
+            log.warning("export ended before its last row: %s", exc, extra={"cause": exc.cause})
+            # Returning without the last chunk: the server closes the connection mid-body.
+        finally:
+            if pending is not None:
+                pending.cancel()
+            job.close_soon()
+            self.timer.cancel()  # a stream that never started keeps it: the snapshot is let go
+
 
 async def export(principal: Principal, request: Request) -> Response:
     filters, fmt = reads.parse_export(list(request.query_params.multi_items()), SETTINGS)
     cap = SETTINGS.query_export_max_rows
     job = _Export(filters, fmt, cap)
+    longest = SETTINGS.query_export_max_seconds
     try:
         matched = await asyncio.to_thread(job.begin)
+    except reads.PoolExhausted as exc:
+        raise _busy(exc) from exc
     except (DatabaseError, InterfaceError, OSError) as exc:
         raise ReadFailed("database_unavailable", "the database did not answer") from exc
+    timer = asyncio.get_running_loop().call_later(
+        longest, job.cut, f"it ran for {longest:g} s (QUERY_EXPORT_MAX_SECONDS)"
+    )
     rows, truncated = min(matched, cap), matched > cap
     context = {"filters": filters.as_params(), "format": fmt, "rows": rows,
                "truncated": truncated}  # fmt: skip
     try:
         await audit_read(read_event(EXPORTED, principal, context, request))
     except BaseException:
+        timer.cancel()
         job.close_soon()
         raise
-
-    async def body() -> AsyncIterator[bytes]:
-        # The next batch is fetched while this one is sent: PostgreSQL and the driver work
-        # while the socket drains. At most two batches are held, however long the export.
-        pending = asyncio.ensure_future(asyncio.to_thread(job.next_chunk))
-        try:
-            while (chunk := await pending) is not None:
-                pending = asyncio.ensure_future(asyncio.to_thread(job.next_chunk))
-                yield chunk
-        finally:
-            pending.cancel()
-            job.close_soon()
-        ROWS.labels("export").inc(rows)
-
     media = "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     headers = {
@@ -302,7 +411,7 @@ async def export(principal: Principal, request: Request) -> Response:
         "X-Audit-Export-Rows": str(rows),
         "X-Audit-Export-Truncated": "true" if truncated else "false",
     }
-    return StreamingResponse(body(), 200, headers, media_type=media)
+    return _ExportResponse(job, rows, timer, headers, media)
 
 
 # --------------------------------------------------------------------------- the function

@@ -17,6 +17,7 @@ cannot use it to call the API on an investigator's behalf.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -73,10 +74,31 @@ def _form_defaults() -> dict[str, str]:
     }
 
 
+async def _form(request: Request) -> bytes | None:
+    """The sign-in form's body, or None once it is over MAX_FORM_BYTES.
+
+    Nobody is signed in yet, so nothing larger is read: a declared length over the
+    bound is refused before a byte of the body is, and a body sent without one (or
+    longer than it said) is read only up to the bound.
+    """
+    declared = request.headers.get("content-length", "")
+    if re.fullmatch(r"[0-9]+", declared) and int(declared) > MAX_FORM_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    return bytes(body)
+
+
 async def _sign_in(request: Request) -> Response:
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        return _render("login.html", 413, error="The form is too large.")
+    body = await _form(request)
+    if body is None:
+        # The rest of the body is never read: the connection is closed after the answer.
+        response = _render("login.html", 413, error="The form is too large.")
+        response.headers["Connection"] = "close"
+        return response
     token = dict(parse_qsl(body.decode("utf-8", "replace"))).get("token", "").strip()
     try:
         await svc.authorize(request, svc.READ_ROLE, token=token or None)
@@ -160,6 +182,10 @@ def _pretty(details: Any) -> str:
 async def _event(request: Request, principal: Principal, event_id: str) -> Response:
     try:
         events = await svc.get_event(principal, event_id, request)
+    except reads.BadParameter as exc:
+        return _render("event.html", 400, principal=principal, events=[], event_id=event_id,
+                       columns=reads.EVENT_COLUMNS, pretty=_pretty, back="/ui",
+                       error=f"{exc.parameter}: {exc.message}")  # fmt: skip
     except svc.ReadFailed as exc:
         return _render("event.html", 503, principal=principal, events=[], event_id=event_id,
                        columns=reads.EVENT_COLUMNS, pretty=_pretty, back="/ui",

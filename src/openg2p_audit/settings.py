@@ -10,6 +10,7 @@ nobody reads.
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
@@ -108,6 +109,11 @@ class Settings(BaseSettings):
     integrity_grace_seconds: int = Field(600, ge=0, le=7 * 24 * 3600)
     integrity_max_hours_per_run: int = Field(744, ge=1, le=100_000)
     kafka_digests_topic: TopicName = "openg2p.audit.digests"
+    # The verifier key(s) a reader trusts (`name+keyid+base64`, as `integrity public-key`
+    # prints them; several separated by spaces, commas or newlines, for rotated keys):
+    # `verify` and `evidence` check digests against these, never against a key shipped
+    # with what is being checked.
+    integrity_verifier_keys: str | None = None
 
     # Query service (audit-query): what one request may ask for. The cursor secret signs
     # page cursors; unset, each process makes its own, so a cursor only works on the
@@ -115,6 +121,13 @@ class Settings(BaseSettings):
     query_max_range_days: int = Field(93, ge=1, le=3660)
     query_export_max_rows: int = Field(1_000_000, ge=1, le=100_000_000)
     query_cursor_secret: str | None = Field(None, min_length=32)
+    # What one export may hold: its REPEATABLE READ snapshot (and a connection) for at most
+    # this long, and a reader that takes no chunk for the idle time is given up on.
+    query_export_max_seconds: float = Field(600.0, gt=0, le=86_400)
+    query_export_idle_seconds: float = Field(30.0, gt=0, le=3600)
+    # Most database connections one query process holds; a read that finds them all busy
+    # for a second is a 503 rather than another connection.
+    query_db_pool_size: int = Field(8, ge=1, le=1000)
 
     # Bearer tokens (auth.py): the deployment's OIDC issuer (Keycloak in OpenG2P). Issuer
     # and JWKS URL unset means "not configured": a function that needs tokens refuses to start.
@@ -128,6 +141,9 @@ class Settings(BaseSettings):
     auth_algorithms: str = "RS256,ES256"
     auth_leeway_seconds: int = Field(30, ge=0, le=300)
     auth_jwks_cache_seconds: int = Field(300, ge=10, le=86_400)
+    # How long past AUTH_JWKS_CACHE_SECONDS known keys stay usable while the issuer cannot
+    # be reached; after that a token that needs them is a 503.
+    auth_jwks_max_stale_seconds: int = Field(3600, ge=0, le=7 * 86_400)
     # More issuers whose tokens ingest and the writer accept, as a JSON array of
     # {"issuer", "jwks_url", "audience"}: the cluster's service-account issuer signs the
     # tokens of Knative Eventing's OIDC feature and projected service-account tokens.
@@ -155,7 +171,7 @@ class Settings(BaseSettings):
             return None
         for server in value.split(","):
             host, sep, port = server.strip().rpartition(":")
-            if not sep or not host or not port.isdigit():
+            if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port):
                 raise ValueError(f"expected host:port[,host:port...], got {server.strip()!r}")
         return value
 
@@ -205,6 +221,14 @@ class Settings(BaseSettings):
             _check_http_url(e["jwks_url"])
         return value
 
+    @field_validator("integrity_verifier_keys")
+    @classmethod
+    def _verifier_keys(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _parse_verifier_keys(value)
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
@@ -238,6 +262,13 @@ class Settings(BaseSettings):
             )  # fmt: skip
         found.extend(json.loads(self.auth_trusted_issuers or "[]"))
         return found  # type: ignore[return-value]
+
+    @property
+    def verifier_keys(self) -> list:
+        """INTEGRITY_VERIFIER_KEYS as `integrity.VerifierKey`s (empty when unset)."""
+        if self.integrity_verifier_keys is None:
+            return []
+        return _parse_verifier_keys(self.integrity_verifier_keys)
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -280,6 +311,12 @@ class Settings(BaseSettings):
         return f"postgresql://{quote(kw['user'])}@{kw['host']}:{kw['port']}/{kw['database']}"
 
 
+def _parse_verifier_keys(text: str) -> list:
+    from .integrity import read_verifier_keys  # cryptography: only for those who need it
+
+    return read_verifier_keys("\n".join(re.split(r"[\s,]+", text.strip())))
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment; on a bad value exit with one line naming the variable."""
     try:
@@ -287,4 +324,10 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]).upper() if err["loc"] else "settings"
-        raise SettingsError(f"invalid setting {name}={err.get('input')!r}: {err['msg']}") from None
+        # A secret's value is never echoed: the line goes to logs.
+        shown = "(hidden)" if name in _SECRET_SETTINGS else repr(err.get("input"))
+        raise SettingsError(f"invalid setting {name}={shown}: {err['msg']}") from None
+
+
+# Settings whose values must not appear in an error line.
+_SECRET_SETTINGS = frozenset({"QUERY_CURSOR_SECRET", "DB_PASSWORD", "DATABASE_URL"})

@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +42,7 @@ from kafka import KafkaAdminClient
 
 from ..integrity import generate_pem
 from ..knative_identity import audience, oidc_subject
+from ..query import cursor_secret_problem
 from ..settings import Settings
 from .broker import broker_topic, trigger_dispatcher, trigger_filter
 from .delivery import Egress, Outcome
@@ -179,6 +182,7 @@ class Runner:
                 env["AUTH_JWKS_URL"] = self.issuer.jwks_url
                 env["AUTH_TRUSTED_ISSUERS"] = ""  # the local issuer stands in for all
                 self._stand_in_signing_key(svc.name, env)
+                self._stand_in_cursor_secret(svc.name, env)
                 env.update(self._service_env.get(svc.name, {}))
                 self.services[svc.name] = ServiceProcess(
                     svc, env, repo_root=self.repo_root, log_dir=self.workdir / "logs",
@@ -245,6 +249,23 @@ class Runner:
             path.write_bytes(generate_pem())
             path.chmod(0o600)
         env["INTEGRITY_SIGNING_KEY_FILE"] = str(path)
+
+    def _stand_in_cursor_secret(self, service: str, env: dict[str, str]) -> None:
+        """The Secret audit-query in the manifests holds a placeholder, which the query
+        service refuses (anyone with a clone could sign cursors with it); here a key
+        generated once in the work folder takes its place, as a deployment's own would."""
+        configured = env.get("QUERY_CURSOR_SECRET")
+        if not configured or cursor_secret_problem(configured) is None:
+            return
+        path = self.workdir / "secrets" / f"{service}-cursor-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        env["QUERY_CURSOR_SECRET"] = path.read_text()
+        log.info("Service/%s: the manifests' QUERY_CURSOR_SECRET is a placeholder; using a key "
+                 "generated for this runner (%s)", service, path)  # fmt: skip
 
     def start_source(self, name: str) -> KafkaDispatcher:
         """(Re)start one KafkaSource's dispatcher from its manifest; it joins its group anew."""
