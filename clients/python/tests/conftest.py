@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fake_ingest import FakeIngest
+from .fake_ingest import FakeIngest
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 
-from fake_ingest import FakeIngest, free_port
 from openg2p_audit_client.cli import main
+
+from .fake_ingest import FakeIngest, free_port
 
 
 def lines(n: int, **data) -> io.StringIO:

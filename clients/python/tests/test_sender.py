@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from fake_ingest import FakeIngest, event_args, free_port
 from openg2p_audit_client import (
     AuditClient,
     DeliveryFailed,
@@ -17,6 +16,8 @@ from openg2p_audit_client import (
     InvalidEvent,
     OutboxFull,
 )
+
+from .fake_ingest import FakeIngest, event_args, free_port
 
 BATCH = "application/cloudevents-batch+json"
 STRUCTURED = "application/cloudevents+json"
