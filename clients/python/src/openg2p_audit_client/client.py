@@ -265,7 +265,12 @@ class AuditClient:
                     time.sleep(self.linger)  # let a burst of emits fill one batch
                 self._wake.clear()
                 continue
-            res = self.send([Item(r.seq, r.id, r.body) for r in rows])
+            items = [Item(r.seq, r.id, r.body) for r in rows]
+            try:
+                res = self.send(items)
+            except Exception as exc:  # a token source's own bug...: keep the rows, keep going
+                log.exception("audit events not sent; they stay in the outbox")
+                res = Resolution(unsent=items, failure=DeliveryFailed(str(exc)))
             try:
                 self._settle(res)
             except Exception:
