@@ -310,3 +310,21 @@ def _full(n: int, **data) -> dict:
         "subject": f"beneficiary/BEN-{n:06d}",
         "data": {"actor": {"id": "officer-17"}, "action": "view", "outcome": "success", **data},
     }
+
+
+def test_a_token_source_that_fails_leaves_the_events_queued_and_the_sender_alive(
+    ingest, outbox_path
+):
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("secret store not mounted yet")
+        return "T"
+
+    client = AuditClient(ingest.url, flaky, outbox_path, backoff_initial=0.05, prometheus=False)
+    event_id = client.emit(**event_args())
+    assert client.flush(10)
+    assert ingest.accepted_ids() == [event_id] and client.failed_attempts == 0
+    client.close()
