@@ -328,3 +328,20 @@ def test_a_token_source_that_fails_leaves_the_events_queued_and_the_sender_alive
     assert client.flush(10)
     assert ingest.accepted_ids() == [event_id] and client.failed_attempts == 0
     client.close()
+
+
+def test_a_timeout_is_retried_with_the_same_id(ingest, outbox_path):
+    def too_slow(seen):
+        time.sleep(1.5)  # past the client's timeout: ingest may or may not have kept it
+        return 202, {"accepted": seen.ids}, {}
+
+    ingest.answers.append(too_slow)
+    with quick(ingest.url, outbox_path, timeout=0.5) as client:
+        event_id = client.emit(**event_args())
+        assert client.flush(10)
+    assert client.failed_attempts == 1
+    deadline = time.monotonic() + 5
+    while len(ingest.requests) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [r.ids for r in ingest.requests] == [[event_id], [event_id]]
+    assert ingest.requests[0].body == ingest.requests[1].body
