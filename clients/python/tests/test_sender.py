@@ -345,3 +345,27 @@ def test_a_timeout_is_retried_with_the_same_id(ingest, outbox_path):
         time.sleep(0.05)
     assert [r.ids for r in ingest.requests] == [[event_id], [event_id]]
     assert ingest.requests[0].body == ingest.requests[1].body
+
+
+def test_a_forked_worker_makes_its_own_connection_and_sender(ingest, outbox_path):
+    import multiprocessing
+
+    client = quick(ingest.url, outbox_path)
+    parent_id = client.emit(**event_args(0))
+    assert client.flush(10)
+
+    def worker(queue) -> None:
+        child_id = client.emit(**event_args(1))  # the parent's SQLite connection is not used
+        queue.put((child_id, client.flush(10)))
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=worker, args=(queue,))
+    proc.start()
+    child_id, flushed = queue.get(timeout=30)
+    proc.join(30)
+    assert flushed and proc.exitcode == 0
+    assert client.emit(**event_args(2)) and client.flush(10)  # the parent carries on
+    assert child_id in ingest.accepted_ids() and parent_id in ingest.accepted_ids()
+    assert client.metrics()["outbox_events"] == 0
+    client.close()

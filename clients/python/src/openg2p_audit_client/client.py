@@ -43,6 +43,7 @@ MAX_EVENT_BYTES = 256 * 1024
 MAX_DEPTH = 32
 
 _LIVE: weakref.WeakSet[AuditClient] = weakref.WeakSet()
+_SETUP_LOCK = threading.Lock()
 
 
 class AuditClient:
@@ -132,8 +133,10 @@ class AuditClient:
 
     def _this_process(self) -> None:
         if self._pid != os.getpid():
-            # The parent's SQLite connection must not be used (nor closed) here.
-            self._setup()
+            with _SETUP_LOCK:
+                if self._pid != os.getpid():
+                    # The parent's SQLite connection must not be used (nor closed) here.
+                    self._setup()
 
     # -- emitting ------------------------------------------------------------------
 
@@ -309,10 +312,11 @@ class AuditClient:
             )  # fmt: skip
 
     def _account(self, res: Resolution) -> None:
-        self.sent += len(res.accepted)
-        self.rejected += len(res.rejected)
-        if res.failure is not None:
-            self.failed_attempts += 1
+        with self._lock:
+            self.sent += len(res.accepted)
+            self.rejected += len(res.rejected)
+            if res.failure is not None:
+                self.failed_attempts += 1
         for r in res.rejected:
             log.warning(
                 "ingest rejected audit event %s (%d): %s%s", r.item.id, r.status,

@@ -48,11 +48,19 @@ class ClientCollector:
         for name, kind, doc, _ in FAMILIES:
             cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             families[name] = cls(name, doc, labels=["outbox"])
+        # Clients sharing an outbox (or having none) share a label: their counters add up,
+        # and the outbox's own numbers are the same for each of them.
+        by_label: dict[str, dict[str, float]] = {}
         for client in live_clients():
             values = client.metrics()
-            for name, _, _, key in FAMILIES:
+            seen = by_label.setdefault(client.outbox_path or "", {})
+            for name, kind, _, key in FAMILIES:
                 if key in values:
-                    families[name].add_metric([client.outbox_path or ""], values[key])
+                    add = kind == "counter"
+                    seen[name] = seen.get(name, 0.0) + values[key] if add else values[key]
+        for label, values in by_label.items():
+            for name, value in values.items():
+                families[name].add_metric([label], value)
         yield from families.values()
 
     def describe(self) -> Iterator[Any]:
