@@ -62,6 +62,7 @@ def test_an_actor_object_and_extensions():
         (lambda e: e.update(tenant={"a": 1}), "string, int or bool"),
         (lambda e: e.update(data_base64="eA=="), "data must be JSON"),
         (lambda e: e.update(datacontenttype="text/plain"), "application/json"),
+        (lambda e: e.update(datacontenttype="application/cloudevents+json"), "application/json"),
         (lambda e: e["data"].update(reason="a\x00b"), r"U\+0000"),
         (lambda e: e["data"].update(context={"x": math.nan}), "NaN"),
         (lambda e: e["data"].update(context=_nested(40)), "levels deep"),

@@ -126,7 +126,10 @@ def contract_problems(event: dict[str, Any], max_depth: int = 32) -> list[str]:
     if isinstance(time, str) and not _RFC3339.match(time):
         problems.append("time: must be an RFC 3339 timestamp, e.g. 2026-04-01T12:00:00Z")
     ctype = event.get("datacontenttype")
-    if isinstance(ctype, str) and not _JSON_MEDIA.match(ctype):
+    if isinstance(ctype, str) and (
+        not _JSON_MEDIA.match(ctype) or ctype.lower().startswith("application/cloudevents")
+    ):
+        # An audit record is never itself a CloudEvent (nor a batch of them).
         problems.append("datacontenttype: data must be JSON (application/json)")
     trace = event.get("traceparent")
     if isinstance(trace, str):
