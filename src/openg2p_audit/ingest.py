@@ -43,6 +43,7 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from . import store
 from .auth import AuthError, Principal, TokenVerifier, bearer_token, refusal
 from .contract import AuditEvent, Limits, Problem, check_event
 from .http_binding import BATCH, STRUCTURED, binary_attributes, is_binary, media_type
@@ -217,7 +218,15 @@ def _check_all(raws: list[Any], batch: bool, body: bytes | None = None) -> list[
         if found:
             problems.extend(found)
         elif event is not None:
-            events.append(event)
+            # What the table itself would refuse (an index entry too large) is refused here,
+            # before the 202, rather than dead-lettered by the writer afterwards.
+            oversized = store.index_problems(event)
+            problems.extend(
+                Problem("too_large", message, field, i if batch else None)
+                for field, message in oversized
+            )
+            if not oversized:
+                events.append(event)
     if problems:
         raise Rejected(400, problems, len(raws))
     return events

@@ -165,9 +165,140 @@ PARENT_INDEXES = {
     f"{TABLE}_ingested_at_idx": "(ingested_at)",
 }
 
-# A btree entry must fit in a third of a page (~2.7 kB). Values longer than this
-# would fail the whole batch inside PostgreSQL, so they are refused up front.
-MAX_INDEXED_BYTES = 2000
+# --- what one index entry may hold ---------------------------------------------------
+#
+# A btree entry must fit in a third of a page: with 8 kB pages PostgreSQL (btree version 4,
+# PostgreSQL 12 and later) refuses an index row over 2704 bytes ("index row size N exceeds
+# btree version 4 maximum 2704"). An entry is an 8-byte header (16 when a key column is
+# NULL), then each key value: text with a 1-byte length when it is under 127 bytes, else a
+# 4-byte length aligned to 4; timestamptz aligned to 8; and the whole rounded up to 8.
+# PostgreSQL may compress a long value inside an entry, so real entries are never larger
+# than this reckoning: an event that fits here fits in PostgreSQL. Ingest refuses (4xx,
+# naming the field) every event whose entries would not fit, so the writer never meets one
+# (tests/test_index_limits.py finds the real boundary in PostgreSQL and checks this one).
+BTREE_MAX_ENTRY = 2704
+
+# Each btree index whose entries hold event values: its key columns, in order, with their
+# kinds. A test compares these with the indexes PostgreSQL reports for the schema.
+INDEX_ENTRIES: dict[str, tuple[tuple[str, str], ...]] = {
+    f"{TABLE}_pkey": (("id", "text"), ("source", "text"), ("occurred_at", "timestamptz")),
+    f"{TABLE}_actor_idx": (("actor_id", "text"), ("occurred_at", "timestamptz")),
+    f"{TABLE}_resource_idx": (
+        ("resource_type", "text"), ("resource_id", "text"), ("occurred_at", "timestamptz"),
+    ),
+    f"{TABLE}_type_idx": (("type", "text"), ("occurred_at", "timestamptz")),
+    f"{TABLE}_trace_idx": (("trace_id", "text"),),
+    # A conflicting re-send is recorded under the same key, plus its 32-byte hash.
+    f"{CONFLICTS}_pkey": (
+        ("id", "text"), ("source", "text"), ("occurred_at", "timestamptz"),
+        ("incoming_hash", "sha256"),
+    ),
+}  # fmt: skip
+
+# Where each indexed column comes from in the event, for the emitter's error message.
+EVENT_FIELDS = {
+    "id": "id",
+    "source": "source",
+    "type": "type",
+    "actor_id": "data.actor.id",
+    "resource_type": "data.resource.type",
+    "resource_id": "data.resource.id",
+    "trace_id": "traceparent",
+}
+
+# No value longer than one whole entry can be in the table (the query's filters use it).
+MAX_INDEXED_BYTES = BTREE_MAX_ENTRY
+
+
+def _align(size: int, to: int) -> int:
+    return (size + to - 1) // to * to
+
+
+def index_entry_bytes(layout: tuple[tuple[str, str], ...], sizes: dict[str, int | None]) -> int:
+    """The size of one entry of an index with `layout`, for values of these UTF-8 sizes.
+
+    `sizes[column]` is None for NULL; fixed-width columns need no size.
+    """
+    nulls = any(sizes.get(c) is None for c, kind in layout if kind == "text")
+    size = 16 if nulls else 8
+    for column, kind in layout:
+        if kind == "timestamptz":
+            size = _align(size, 8) + 8
+        elif kind == "sha256":
+            size += 1 + 32  # bytea: a 1-byte length
+        else:
+            n = sizes.get(column)
+            if n is None:
+                continue
+            size = size + 1 + n if n + 1 <= 127 else _align(size, 4) + 4 + n
+    return _align(size, 8)
+
+
+def oversized_indexes(sizes: dict[str, int | None]) -> list[tuple[str, str, int]]:
+    """(index, column, most bytes that column may have) for each entry that would not fit.
+
+    `sizes` maps the indexed text columns to their UTF-8 size (None: NULL). The column named
+    is the longest of the index's values; the bound is for it, the others as they are.
+    """
+    found = []
+    for index, layout in INDEX_ENTRIES.items():
+        if index_entry_bytes(layout, sizes) <= BTREE_MAX_ENTRY:
+            continue
+        texts = [c for c, kind in layout if kind == "text" and sizes.get(c) is not None]
+        longest = max(texts, key=lambda c: sizes[c] or 0)
+        allowed = sizes[longest] or 0
+        while allowed > 0 and index_entry_bytes(layout, {**sizes, longest: allowed}) > (
+            BTREE_MAX_ENTRY
+        ):
+            allowed -= 1
+        found.append((index, longest, allowed))
+    return found
+
+
+def indexed_sizes(event: AuditEvent) -> dict[str, int | None]:
+    """The UTF-8 sizes of an event's indexed values (None: NULL), as its row will hold them."""
+    resource = event.data.resource
+    values = {
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "actor_id": event.data.actor.id,
+        "resource_type": resource.type if resource else None,
+        "resource_id": resource.id if resource else None,
+        "trace_id": event.trace_id,
+    }
+    return {c: None if v is None else _utf8_len(v) for c, v in values.items()}
+
+
+# Below this many characters in all indexed values together, no entry can be too large
+# (4 bytes per character at most): the common case skips the reckoning.
+_SURELY_SMALL = (BTREE_MAX_ENTRY - 64) // 4 // 2
+
+
+def index_problems(event: AuditEvent) -> list[tuple[str, str]]:
+    """(field, message) for each indexed value of the event that PostgreSQL could not index."""
+    resource = event.data.resource
+    chars = len(event.id) + len(event.source) + len(event.type) + len(event.data.actor.id)
+    if resource is not None:
+        chars += len(resource.type) + len(resource.id or "")
+    if chars <= _SURELY_SMALL:
+        return []
+    sizes = indexed_sizes(event)
+    problems = []
+    for index, column, allowed in oversized_indexes(sizes):
+        others = [
+            EVENT_FIELDS[c] for c, kind in INDEX_ENTRIES[index]
+            if kind == "text" and c != column and sizes.get(c)
+        ]  # fmt: skip
+        beside = f" beside {' and '.join(others)}" if others else ""
+        problems.append((
+            EVENT_FIELDS[column],
+            f"{EVENT_FIELDS[column]} is {sizes[column]} bytes (UTF-8); it is indexed, and"
+            f" PostgreSQL holds at most {BTREE_MAX_ENTRY} bytes per index entry, which leaves"
+            f" it at most {allowed} bytes{beside}",
+        ))  # fmt: skip
+    return problems
+
 
 # Seconds DDL may wait for a lock on the parent table. Creating a partition
 # needs a strong lock; queueing behind a long investigator query would stall
@@ -569,7 +700,6 @@ def _details_json(details: dict) -> str:
 
 
 _TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in ("occurred_at", "details"))
-_INDEXED = (("id",), ("actor_id",), ("resource_type", "resource_id"), ("type",))
 
 
 def _check_storable(row: Row, details: dict | None) -> None:
@@ -597,16 +727,15 @@ def _check_storable(row: Row, details: dict | None) -> None:
         everything.encode("utf-8")
     except UnicodeEncodeError:
         raise UnstorableEvent("the event contains an unpaired UTF-16 surrogate") from None
-    by_name = dict(zip(_TEXT_COLUMNS, texts, strict=True))
-    for columns in _INDEXED:
-        if sum(len(by_name[c]) for c in columns) * 4 <= MAX_INDEXED_BYTES:
-            continue  # short enough whatever the characters
-        size = sum(_utf8_len(by_name[c]) for c in columns)
-        if size > MAX_INDEXED_BYTES:
-            raise UnstorableEvent(
-                f"{' + '.join(columns)} is {size} bytes; indexed values are limited to"
-                f" {MAX_INDEXED_BYTES} bytes"
-            )
+    if sum(len(t) for t in texts) <= _SURELY_SMALL:
+        return
+    values = {c: getattr(row, c) for c in EVENT_FIELDS}
+    sizes = {c: None if v is None else _utf8_len(v) for c, v in values.items()}
+    for index, column, allowed in oversized_indexes(sizes):
+        raise UnstorableEvent(
+            f"{EVENT_FIELDS[column]} is {sizes[column]} bytes; the index {index} leaves it at"
+            f" most {allowed} (PostgreSQL holds at most {BTREE_MAX_ENTRY} bytes per entry)"
+        )
 
 
 # --------------------------------------------------------------------------- inserting
