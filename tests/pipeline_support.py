@@ -50,6 +50,7 @@ def module_manifests(
     names = {
         "openg2p.audit.events": settings.kafka_events_topic,
         "openg2p.audit.dlq": settings.kafka_dlq_topic,
+        "openg2p.audit.broker-dlq": settings.kafka_broker_dlq_topic,
         "openg2p-audit-consumer": settings.kafka_consumer_group,
     }
     directory.mkdir(parents=True, exist_ok=True)

@@ -66,3 +66,23 @@ def oidc_subject(namespace: str, kind: str, name: str) -> str:
     except KeyError:
         raise ValueError(f"no OIDC identity is known for kind {kind!r}") from None
     return f"system:serviceaccount:{namespace}:{oidc_service_account(name, group, kind_name)}"
+
+
+# The (group, Kind) of each resource whose ingress checks OIDC tokens for its own audience.
+BROKER = ("eventing.knative.dev", "Broker")
+KAFKA_SINK = ("eventing.knative.dev", "KafkaSink")
+_INGRESSES = {"broker": BROKER, "kafkasink": KAFKA_SINK}
+
+
+def ingress_audience(namespace: str, kind: str, name: str) -> str:
+    """The audience a Broker's or KafkaSink's ingress requires of a token, with OIDC on.
+
+    knative/eventing `auth.GetAudience`: `<group>/<kind>/<namespace>/<name>`, lowercased
+    (what eventing-kafka-broker's broker and sink reconcilers publish as the address's
+    audience, and what their receiver checks).
+    """
+    try:
+        group, kind_name = _INGRESSES[kind.lower()]
+    except KeyError:
+        raise ValueError(f"no ingress audience is known for kind {kind!r}") from None
+    return f"{group}/{kind_name}/{namespace}/{name}".lower()

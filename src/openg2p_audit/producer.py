@@ -37,7 +37,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 
 from .kafka_binding import KafkaRecord
 from .settings import Settings
@@ -60,6 +65,18 @@ class Unavailable(Exception):
     def __init__(self, cause: str, detail: str):
         super().__init__(detail)
         self.cause = cause  # broker_unavailable | overloaded | broker_error | shutting_down
+
+
+class TooLarge(Exception):
+    """Kafka refuses a record this large, now and on every retry: answer 413, keep the producer.
+
+    Either the producer itself (over its `max_request_size`) or the broker (the topic's
+    `max.message.bytes`) said so; neither says anything about the connection, so the
+    producer stays as it is.
+    """
+
+
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 class EventProducer:
@@ -176,6 +193,8 @@ class EventProducer:
             if on_abandoned is not None:
                 acks.when_settled(on_abandoned)
             raise
+        if isinstance(acks.error, _TOO_LARGE):
+            raise TooLarge(f"Kafka refuses a record this large: {acks.error}")
         if acks.error is not None:
             raise Unavailable("broker_error", f"Kafka rejected a record: {acks.error}")
 
@@ -206,6 +225,8 @@ class EventProducer:
         except KafkaTimeoutError as exc:
             self._failed_at = time.monotonic()
             raise Unavailable("broker_unavailable", "Kafka metadata unavailable in time") from exc
+        except _TOO_LARGE as exc:
+            raise TooLarge(f"Kafka refuses a record this large: {exc}") from exc
         except KafkaError as exc:
             # send() itself only fails like this when the producer is unusable (closed, or
             # in a fatal idempotence state): replace it rather than fail every request.

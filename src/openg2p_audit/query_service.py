@@ -40,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import query as reads
+from .attestation import Attestor
 from .auth import AuthError, Principal, TokenVerifier, authenticate, refusal
 from .contract import AuditEvent
 from .kafka_binding import encode
@@ -64,6 +65,9 @@ if SETTINGS.query_cursor_secret is None:
 # Reads come one at a time, not in bursts that could share a batch: the audit event is
 # sent at once instead of lingering for company (ingest's linger setting is for ingest).
 AUDIT_PRODUCER_SETTINGS = SETTINGS.model_copy(update={"ingest_linger_ms": 0})
+# The read events are attested with the query service's own key: the writer stores them as
+# this service's own events only (attestation.py).
+ATTESTOR = Attestor.from_keys(SETTINGS.attestation_query_keys, "ATTESTATION_QUERY_KEYS")
 
 READ_ROLE = "audit.read"
 EXPORT_ROLE = "audit.export"
@@ -176,7 +180,8 @@ def read_event(
 async def audit_read(event: AuditEvent) -> None:
     """Return once Kafka holds the event; ReadFailed otherwise."""
     try:
-        await producer_for(AUDIT_PRODUCER_SETTINGS).publish([encode(event)], time.monotonic())
+        record = encode(event, ATTESTOR)
+        await producer_for(AUDIT_PRODUCER_SETTINGS).publish([record], time.monotonic())
     except Unavailable as exc:
         log.warning("read not audited, answering 503: %s", exc, extra={"cause": exc.cause})
         raise ReadFailed(

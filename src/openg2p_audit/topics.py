@@ -41,13 +41,14 @@ DIGEST_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "reten
 
 
 def ensure_topics(settings: Settings, replication_factor: int = 1) -> list[TopicState]:
-    """Create the events, DLQ and digests topics if missing; grow the events topic if too small.
+    """Create the events, both DLQ and the digests topics if missing; grow the events topic.
 
     The digests topic has one partition: the chain is one ordered sequence.
     """
     wanted = {
         settings.kafka_events_topic: settings.kafka_topic_partitions,
         settings.kafka_dlq_topic: 1,
+        settings.kafka_broker_dlq_topic: 1,
         settings.kafka_digests_topic: 1,
     }
     configs = {settings.kafka_digests_topic: DIGEST_TOPIC_CONFIG}
