@@ -61,7 +61,8 @@ def module_manifests(
         if not ingest_auth and path.name == "configmap.yaml":
             assert "\n  INGEST_AUTH: required\n" in text
             text = text.replace("\n  INGEST_AUTH: required\n", "\n  INGEST_AUTH: disabled\n")
-        doc = yaml.safe_load(text) if path.suffix == ".yaml" else None
+        docs = list(yaml.safe_load_all(text)) if path.suffix == ".yaml" else []
+        doc = docs[0] if len(docs) == 1 else None  # several (EventPolicies): left as they are
         if delivery and path.name == "kafkasource.yaml":
             doc["spec"]["delivery"].update(delivery)
             text = yaml.safe_dump(doc, sort_keys=False)
@@ -86,6 +87,16 @@ def start_pipeline(settings: Settings, workdir: Path, **kw: Any) -> Runner:
     runner.start()
     runner.wait_ready(90)
     return runner
+
+
+def broker_sender(runner: Runner, sender: str = "openg2p-registry") -> dict[str, str]:
+    """The token of a service that may send to the Broker (knative/base/eventpolicies.yaml):
+    its projected service-account token for the Broker's audience, as Knative's OIDC feature
+    wants at the Broker's ingress."""
+    token = runner.issuer.mint(
+        f"system:serviceaccount:default:{sender}", (), aud=runner.ingress_audience("Broker", BROKER)
+    )
+    return {"Authorization": f"Bearer {token}"}
 
 
 def now_z() -> str:
