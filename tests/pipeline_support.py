@@ -51,6 +51,7 @@ def module_manifests(
         "openg2p.audit.events": settings.kafka_events_topic,
         "openg2p.audit.dlq": settings.kafka_dlq_topic,
         "openg2p.audit.broker-dlq": settings.kafka_broker_dlq_topic,
+        "openg2p.audit.digests": settings.kafka_digests_topic,
         "openg2p-audit-consumer": settings.kafka_consumer_group,
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,11 @@ def start_pipeline(settings: Settings, workdir: Path, **kw: Any) -> Runner:
         settings, workdir / "manifests", kw.pop("delivery", None),
         ingest_auth=kw.pop("ingest_auth", False),
     )  # fmt: skip
+    # The Secret audit-attestation holds the session's keys, so that tests can attest
+    # records as ingest does (attestation_support).
+    kw.setdefault("secrets", {"audit-attestation": {
+        "ingest": settings.attestation_ingest_keys, "query": settings.attestation_query_keys,
+    }})  # fmt: skip
     runner = Runner(
         manifests, settings, workdir=workdir, schedule_pings=False, commit_interval=0.5, **kw
     )

@@ -53,6 +53,7 @@ from .kafka_binding import KafkaRecord, encode
 from .observability import configure_logging, metrics_response
 from .policy import SourcePolicy, dumps_claims
 from .producer import TooLarge, Unavailable, drain_on_sigterm, producer_for
+from .serving import bound_request_headers
 from .settings import SettingsError, load_settings
 
 # Settings are read at import, i.e. when the server starts: a bad value or a
@@ -60,6 +61,7 @@ from .settings import SettingsError, load_settings
 # every request later.
 SETTINGS = load_settings()
 configure_logging(SETTINGS.log_level.upper())
+bound_request_headers(SETTINGS)  # 431 past HTTP_MAX_HEADER_BYTES, before any token is read
 log = logging.getLogger("openg2p_audit.ingest")
 if not SETTINGS.kafka_configured:
     raise SettingsError("KAFKA_BOOTSTRAP_SERVERS is not set: ingest needs the Kafka brokers")

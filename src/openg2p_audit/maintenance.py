@@ -71,6 +71,7 @@ from .attestation import Verifier
 from .auth import WorkloadGate
 from .kafka_binding import STRUCTURED_CONTENT_TYPE, NotBinary, decode_record, is_binary
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
+from .serving import bound_request_headers
 from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("openg2p_audit.maintenance")
@@ -668,6 +669,7 @@ _gate: tuple[WorkloadGate | None] | None = None
 
 def startup() -> None:
     """Check who may trigger a run when the server starts (functions/maintenance/main.py)."""
+    bound_request_headers(load_settings())
     gate()
 
 

@@ -40,16 +40,18 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import query as reads
-from .attestation import Attestor
+from .attestation import QUERY_SOURCE, Attestor
 from .auth import AuthError, Principal, TokenVerifier, authenticate, refusal
 from .contract import AuditEvent
 from .kafka_binding import encode
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
 from .producer import Unavailable, producer_for
+from .serving import bound_request_headers
 from .settings import SettingsError, load_settings
 
 SETTINGS = load_settings()
 configure_logging(SETTINGS.log_level.upper())
+bound_request_headers(SETTINGS)
 log = logging.getLogger("openg2p_audit.query_service")
 if not SETTINGS.kafka_configured:
     raise SettingsError("KAFKA_BOOTSTRAP_SERVERS is not set: every read is audited through Kafka")
@@ -71,7 +73,7 @@ ATTESTOR = Attestor.from_keys(SETTINGS.attestation_query_keys, "ATTESTATION_QUER
 
 READ_ROLE = "audit.read"
 EXPORT_ROLE = "audit.export"
-SOURCE = "/openg2p/audit/query"
+SOURCE = QUERY_SOURCE  # the only source the query service's key may attest
 PERFORMED = "org.openg2p.audit.query.performed"
 EXPORTED = "org.openg2p.audit.query.exported"
 JSON_MEDIA = "application/json"

@@ -51,6 +51,7 @@ from .auth import WorkloadGate
 from .contract import AuditEvent, is_cloudevents_media
 from .http_binding import binary_attributes, media_type
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
+from .serving import bound_request_headers
 from .settings import Settings, load_settings
 
 log = logging.getLogger("openg2p_audit.writer")
@@ -432,6 +433,7 @@ def startup() -> None:
     without the attestation keys would refuse every delivery and send the whole stream
     to the dead-letter topic; it must not boot.
     """
+    bound_request_headers(load_settings())
     gate()
 
 

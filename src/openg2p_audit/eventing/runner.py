@@ -94,6 +94,7 @@ class Runner:
         issuer: LocalIssuer | None = None,
         service_env: dict[str, dict[str, str]] | None = None,
         oidc: bool = True,
+        secrets: dict[str, dict[str, str]] | None = None,
     ):
         self.manifests: Manifests = load(manifest_dir)
         self.settings = settings
@@ -118,6 +119,8 @@ class Runner:
         self.ingress_auth = IngressAuth(self.manifests, issuer, oidc=oidc)
         # Per-Service env applied last (dev up: the query service's read-only role).
         self._service_env = {k: dict(v) for k, v in (service_env or {}).items()}
+        # Values for Secrets made out of band in a cluster (else generated: _stand_in_secret).
+        self._secrets = {k: dict(v) for k, v in (secrets or {}).items()}
         self._port = port
         self.services: dict[str, ServiceProcess] = {}
         self.sinks: dict[str, TopicWriter] = {}
@@ -267,6 +270,9 @@ class Runner:
         """A Secret created out of band in a cluster (not in the manifests, such as
         audit-attestation) is stood in with a random value, generated once in the work folder
         and shared by every Service that reads it (development and tests only)."""
+        given = self._secrets.get(secret, {}).get(key)
+        if given is not None:
+            return given
         path = self.workdir / "secrets" / secret / key
         if not path.exists():
             import secrets as random
