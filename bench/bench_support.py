@@ -42,6 +42,36 @@ def service_envs(manifest_dir: Path, settings: Settings, database_url: str) -> d
     return out
 
 
+# ----------------------------------------------------------------------------- attestation
+
+
+def with_attestation_keys(settings: Settings) -> Settings:
+    """The settings with attestation keys of their own (generated) unless they have some:
+    a benchmark's records must be attested as ingest attests them to be stored."""
+    import secrets
+
+    if settings.attestation_ingest_keys and settings.attestation_query_keys:
+        return settings
+    return settings.model_copy(update={
+        "attestation_ingest_keys": secrets.token_hex(32),
+        "attestation_query_keys": secrets.token_hex(32),
+    })  # fmt: skip
+
+
+def attestation_secrets(settings: Settings) -> dict[str, dict[str, str]] | None:
+    """The Secret audit-attestation for a runner, from the settings' keys (None: generated)."""
+    if not settings.attestation_ingest_keys:
+        return None
+    return {"audit-attestation": {"ingest": settings.attestation_ingest_keys,
+                                  "query": settings.attestation_query_keys or ""}}  # fmt: skip
+
+
+def ingest_attestor(settings: Settings):
+    from openg2p_audit.attestation import Attestor
+
+    return Attestor.from_keys(settings.attestation_ingest_keys, "ATTESTATION_INGEST_KEYS")
+
+
 # ----------------------------------------------------------------------------- the runner
 
 
@@ -55,7 +85,7 @@ def _runner_main(
     )
     runner = Runner(
         manifest_dir, settings, workdir=workdir, schedule_pings=False, commit_interval=0.5,
-        max_in_flight=max_in_flight,
+        max_in_flight=max_in_flight, secrets=attestation_secrets(settings),
     )  # fmt: skip
     try:
         runner.start()
