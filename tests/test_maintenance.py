@@ -543,6 +543,29 @@ def test_the_triggers_dead_letters_are_counted_and_never_stored(settings, pg):
     assert stored_ids(pg, [event.id]) == []
 
 
+def test_the_dead_letters_left_for_an_operator_are_listed(settings, pg):
+    s = with_dlq(settings)
+    genuine, forged = make_event(), make_event()
+    produce_dlq(s, [dead_letter(genuine, "503"), forged_dead_letter(forged, None)])
+    exe = str(Path(sys.executable).parent / "openg2p-audit")
+    env = {**settings_env(s), "PATH": "/usr/bin:/bin"}
+
+    def listed(*args: str) -> list[dict]:
+        out = subprocess.run([exe, "dead-letters", *args], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)  # fmt: skip
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    left = listed()
+    assert [(e["id"], e["disposition"], e["reason"]) for e in left] == [
+        (forged.id, "left", "not_attested")
+    ]
+    every = listed("--all")
+    assert {(e["id"], e["disposition"]) for e in every} == {
+        (genuine.id, "redriven"), (forged.id, "left"),
+    }  # fmt: skip
+    assert stored_ids(pg, [genuine.id, forged.id]) == []  # listing stores nothing
+
+
 # --------------------------------------------------------------------------- dry run
 
 

@@ -428,6 +428,18 @@ def _cmd_upkeep(args: argparse.Namespace) -> int:
     return 1 if summary.status == "error" else 0
 
 
+def _cmd_dead_letters(args: argparse.Namespace) -> int:
+    """The dead letters left for an operator, and those the redrive stores, as JSON lines."""
+    from .maintenance import dead_letters
+
+    settings = load_settings()
+    for topic_is_broker in [True] if args.broker else [False, True]:
+        for entry in dead_letters(settings, broker=topic_is_broker, limit=args.limit):
+            if args.all or entry["disposition"] == "left":
+                print(json.dumps(entry, ensure_ascii=False))
+    return 0
+
+
 def _cmd_seal(args: argparse.Namespace) -> int:
     """Seal by hand, under the maintenance run's lock, so it never races the hourly run."""
     from . import maintenance, sealing, store
@@ -685,8 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
         "upkeep",
         help="run the hourly maintenance now (partitions ahead, retention, DLQ redrive)",
         description="Create the monthly partitions ahead, drop those wholly older than the "
-        "retention, and store the dead-letter topic's transient failures, as the hourly "
-        "maintenance function does. Prints a JSON summary.",
+        "retention, seal the closed hours, and store the dead letters ingest attested, as the "
+        "hourly maintenance function does. Prints a JSON summary.",
     )
     up_keep.add_argument(
         "--dry-run",
@@ -703,6 +715,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dry-run: plan as if it were this time (default: the UTC clock)",
     )
     up_keep.set_defaults(func=_cmd_upkeep)
+
+    dl = sub.add_parser(
+        "dead-letters",
+        help="list the dead letters the redrive leaves for an operator",
+        description="Read the dead-letter topics (KAFKA_DLQ_TOPIC, and the Trigger's "
+        "KAFKA_BROKER_DLQ_TOPIC) from the start, without a consumer group, and print one JSON "
+        "line per record the hourly redrive does not store, with the reason: no attestation "
+        "(not produced by ingest), a Broker event that never passed ingest, a contract "
+        "violation. Stores nothing.",
+    )
+    dl.add_argument("--broker", action="store_true", help="the Trigger's dead letters only")
+    dl.add_argument("--all", action="store_true", help="also those the redrive stores")
+    dl.add_argument("--limit", type=int, default=None, help="at most N records per topic")
+    dl.set_defaults(func=_cmd_dead_letters)
 
     seal = sub.add_parser(
         "seal",

@@ -53,6 +53,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -461,6 +462,57 @@ def _classify(record, partition: int, batch: _Batch, verifier: Verifier | None) 
         batch.permanent.append((where, "unstorable", str(exc)))
     except ValidationError as exc:
         batch.permanent.append((where, "invalid_event", str(exc).splitlines()[0]))
+
+
+def dead_letters(
+    settings: Settings, *, broker: bool = False, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every record of a dead-letter topic (the Trigger's with `broker`), oldest first, with
+    what the redrive makes of it: `redriven` (stored, now or by its next run) or `left` (and
+    why). Reads without a consumer group and stores nothing: `openg2p-audit dead-letters`."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    topic = settings.kafka_broker_dlq_topic if broker else settings.kafka_dlq_topic
+    verifier = None if broker else Verifier.from_settings(settings)
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
+        client_id="openg2p-audit-dead-letters", request_timeout_ms=30000,
+    )  # fmt: skip
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not tps:
+            return
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        todo = {tp for tp in tps if consumer.position(tp) < ends[tp]}
+        shown = 0
+        while todo:
+            for tp, records in consumer.poll(timeout_ms=1000, max_records=500).items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        continue
+                    batch = _Batch()
+                    _classify(record, tp.partition, batch, verifier)
+                    headers = list(record.headers or [])
+                    entry: dict[str, Any] = {
+                        "topic": topic, "partition": tp.partition, "offset": record.offset,
+                        "id": _header(headers, "ce_id"), "source": _header(headers, "ce_source"),
+                        "type": _header(headers, "ce_type"),
+                        "code": _header(headers, "ce_knativeerrorcode"),
+                    }  # fmt: skip
+                    if batch.rows:
+                        entry["disposition"] = "redriven"
+                    else:
+                        _where, reason, message = batch.permanent[0]
+                        entry.update(disposition="left", reason=reason, message=message)
+                    yield entry
+                    shown += 1
+                    if limit is not None and shown >= limit:
+                        return
+            todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
+    finally:
+        consumer.close(autocommit=False)
 
 
 def _settle(summary: RedriveSummary, batch: _Batch) -> None:
