@@ -34,8 +34,13 @@ def service_envs(manifest_dir: Path, settings: Settings, database_url: str) -> d
     """Each Knative Service's environment exactly as Runner.start() gives it."""
     manifests = load(manifest_dir)
     out = {}
+    secrets = attestation_secrets(settings) or {}
+
+    def stand_in(secret: str, key: str) -> str | None:
+        return secrets.get(secret, {}).get(key)
+
     for svc in manifests.of(KService):
-        env = container_env(svc, manifests)
+        env = container_env(svc, manifests, stand_in)
         env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers or ""
         env["DATABASE_URL"] = database_url
         out[svc.name] = env

@@ -38,3 +38,12 @@ def reattest(headers: dict[str, str], body: bytes) -> dict[str, str]:
         if k.lower() == "content-type":
             attrs["datacontenttype"] = v
     return {**kept, f"ce-{EXTENSION}": INGEST.attest(attrs, body)}
+
+
+def attested_headers(headers: list[tuple[str, bytes]], value: bytes) -> list[tuple[str, bytes]]:
+    """A Kafka record's headers with ingest's attestation for them and `value` added."""
+    from openg2p_audit.attestation import EXTENSION
+    from openg2p_audit.kafka_binding import decode_record
+
+    proof = INGEST.attest(decode_record(headers), value)
+    return [*headers, (f"ce_{EXTENSION}", proof.encode())]

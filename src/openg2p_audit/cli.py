@@ -94,10 +94,8 @@ def _print_dev_up(runner, live, cli: str) -> None:
     print(f"Kafka {live.kafka_bootstrap_servers}   PostgreSQL {live.database_dsn}")
     ingest = _function_service(runner, "ingest")
     if ingest:
-        from .eventing.services import container_env
-
         body = json.dumps(_sample_event(), separators=(",", ":"))
-        env = container_env(runner.manifests.get("Service", ingest), runner.manifests)
+        env = runner.services[ingest].env
         tokens = env.get("INGEST_AUTH", "required") == "required"
         if tokens:
             # The registry's client as Keycloak would name it; the ConfigMap's source policy
@@ -185,7 +183,7 @@ def _query_role(live, manifest_dir: Path) -> dict[str, dict[str, str]]:
     for svc in manifests.of(KService):
         if svc.env_value("FUNCTION_TARGET") != "query":
             continue
-        env = container_env(svc, manifests)
+        env = container_env(svc, manifests, lambda _secret, _key: None)  # only its role
         role, password = env.get("DB_USER"), env.get("DB_PASSWORD")
         if not role or role == live.pg_connect_kwargs["user"]:
             continue

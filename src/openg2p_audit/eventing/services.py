@@ -61,7 +61,8 @@ def manifest_settings(manifests: Manifests, names: Iterable[str]) -> dict[str, d
             found.setdefault(name, {}).setdefault(value, []).append(where)
 
     for svc in manifests.of(KService):
-        for name, value in container_env(svc, manifests, lambda _s, _k: "(secret)").items():
+        # Secrets made out of band are no setting the manifests state: left out.
+        for name, value in container_env(svc, manifests, lambda _s, _k: None).items():
             add(name, value, svc.key)
     for source in manifests.of(KafkaSource):
         for topic in source.topics:
@@ -95,12 +96,13 @@ def environment_conflicts(
 def container_env(
     service: KService,
     manifests: Manifests,
-    stand_in: Callable[[str, str], str] | None = None,
+    stand_in: Callable[[str, str], str | None] | None = None,
 ) -> dict[str, str]:
     """The container's environment as Kubernetes would assemble it (envFrom first, then env).
 
     A `secretKeyRef` to a Secret the manifests do not hold (one created out of band in a
-    cluster) takes `stand_in(secret, key)`; without a stand-in it is an error.
+    cluster) takes `stand_in(secret, key)` (None: the variable is left out); without a
+    stand-in it is an error.
     """
 
     def source(kind: str, name: str, optional: bool) -> dict[str, str]:
@@ -124,7 +126,9 @@ def container_env(
             ("ConfigMap", var.config_map_key) if var.config_map_key else ("Secret", var.secret_key)
         )
         if kind == "Secret" and stand_in is not None and manifests.find(kind, name) is None:
-            env[var.name] = stand_in(name, key)
+            value = stand_in(name, key)
+            if value is not None:
+                env[var.name] = value
             continue
         data = source(kind, name, var.optional)
         if key in data:
