@@ -192,7 +192,10 @@ def inner_forgery() -> dict:
 )
 def test_an_event_smuggled_inside_data_is_refused_and_stored_nowhere(pipeline, settings, media):
     inner = inner_forgery()
-    outer = audit_event(datacontenttype=media, data=inner)
+    # The data is a valid audit record and, read as an envelope, a whole other event.
+    outer = audit_event(
+        datacontenttype=media, data={**inner, **inner["data"], "specversion": "1.0"}
+    )
     before = topic_end(settings)
     reply = request(pipeline.service_url(INGEST), "/", outer, {**STRUCTURED, **emitter(pipeline)})
     assert reply.status == 400, reply.body
