@@ -34,12 +34,47 @@ def service_envs(manifest_dir: Path, settings: Settings, database_url: str) -> d
     """Each Knative Service's environment exactly as Runner.start() gives it."""
     manifests = load(manifest_dir)
     out = {}
+    secrets = attestation_secrets(settings) or {}
+
+    def stand_in(secret: str, key: str) -> str | None:
+        return secrets.get(secret, {}).get(key)
+
     for svc in manifests.of(KService):
-        env = container_env(svc, manifests)
+        env = container_env(svc, manifests, stand_in)
         env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers or ""
         env["DATABASE_URL"] = database_url
         out[svc.name] = env
     return out
+
+
+# ----------------------------------------------------------------------------- attestation
+
+
+def with_attestation_keys(settings: Settings) -> Settings:
+    """The settings with attestation keys of their own (generated) unless they have some:
+    a benchmark's records must be attested as ingest attests them to be stored."""
+    import secrets
+
+    if settings.attestation_ingest_keys and settings.attestation_query_keys:
+        return settings
+    return settings.model_copy(update={
+        "attestation_ingest_keys": secrets.token_hex(32),
+        "attestation_query_keys": secrets.token_hex(32),
+    })  # fmt: skip
+
+
+def attestation_secrets(settings: Settings) -> dict[str, dict[str, str]] | None:
+    """The Secret audit-attestation for a runner, from the settings' keys (None: generated)."""
+    if not settings.attestation_ingest_keys:
+        return None
+    return {"audit-attestation": {"ingest": settings.attestation_ingest_keys,
+                                  "query": settings.attestation_query_keys or ""}}  # fmt: skip
+
+
+def ingest_attestor(settings: Settings):
+    from openg2p_audit.attestation import Attestor
+
+    return Attestor.from_keys(settings.attestation_ingest_keys, "ATTESTATION_INGEST_KEYS")
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -55,7 +90,7 @@ def _runner_main(
     )
     runner = Runner(
         manifest_dir, settings, workdir=workdir, schedule_pings=False, commit_interval=0.5,
-        max_poll_records=max_poll_records,
+        max_poll_records=max_poll_records, secrets=attestation_secrets(settings),
     )  # fmt: skip
     try:
         runner.start()

@@ -44,9 +44,11 @@ from bench_support import (
     RunnerProcess,
     cpu_of,
     descendants,
+    ingest_attestor,
     machine,
     machine_busy,
     tree_cpu,
+    with_attestation_keys,
 )
 from openg2p_audit.contract import AuditEvent
 from openg2p_audit.devservices import LocalKafka, LocalPostgres
@@ -85,13 +87,14 @@ def _event(n: int, now: str) -> AuditEvent:
 def fill(settings: Settings, n: int) -> float:
     """Produce n events to the events topic as ingest does; returns the seconds it took."""
     t0 = time.monotonic()
+    attestor = ingest_attestor(settings)
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     producer = KafkaProducer(
         bootstrap_servers=settings.bootstrap_servers, acks="all", enable_idempotence=True,
         linger_ms=5, batch_size=256 * 1024,
     )  # fmt: skip
     for i in range(n):
-        record = encode(_event(i, now))
+        record = encode(_event(i, now), attestor)
         producer.send(
             settings.kafka_events_topic, value=record.value, key=record.key,
             headers=record.headers,
@@ -138,7 +141,7 @@ def phase(
     profile: Path | None = None, max_poll_records: int = 50,
 ) -> dict:  # fmt: skip
     tag = uuid.uuid4().hex[:8]
-    settings = base.model_copy(
+    settings = with_attestation_keys(base).model_copy(
         update={
             "kafka_events_topic": f"drain.{tag}.events",
             "kafka_dlq_topic": f"drain.{tag}.dlq",

@@ -324,6 +324,9 @@ def main() -> int:
             + ", ".join(f"{k} {v:.1f} µs" for k, v in auth_costs.items()),
             flush=True,
         )
+    from bench_support import with_attestation_keys
+
+    settings = with_attestation_keys(settings)
     fn = LocalFunction("ingest", "ingest", settings, workdir, workers=args.workers)
     fn.start()
     results: list[dict] = []

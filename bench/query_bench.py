@@ -267,6 +267,9 @@ def _over_http(reader: Settings, cases, export_range, args, tmp: Path) -> dict:
             "query_export_max_rows": 100_000_000,
         }
     )
+    from bench_support import with_attestation_keys
+
+    settings = with_attestation_keys(settings)
     ensure_topics(settings)
     fn = LocalFunction("query", "query", settings, tmp / "function").start()
     http = urllib3.PoolManager(maxsize=1)

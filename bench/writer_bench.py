@@ -39,7 +39,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from kafka import KafkaProducer  # noqa: E402
 
-from bench_support import cpu_of, descendants, machine_busy  # noqa: E402
+from bench_support import (  # noqa: E402
+    cpu_of,
+    descendants,
+    ingest_attestor,
+    machine_busy,
+    with_attestation_keys,
+)
 from function_server import request, settings_env  # noqa: E402
 from openg2p_audit import store  # noqa: E402
 from openg2p_audit.contract import AuditEvent  # noqa: E402
@@ -54,6 +60,8 @@ from openg2p_audit.settings import load_settings  # noqa: E402
 from openg2p_audit.topics import ensure_topics  # noqa: E402
 
 MONTH = datetime(2026, 4, 1, tzinfo=UTC)
+# The run's attestor and settings: its records are attested as ingest attests them.
+ATTESTOR: list = []
 
 
 # --------------------------------------------------------------------------- CPU accounting
@@ -267,12 +275,14 @@ def run_consume_only(settings, batch) -> dict:
 
 def run_decode_only(events) -> dict:
     """The per-record CPU work between Kafka and the INSERT: decode, validate, map to a row."""
+    from openg2p_audit.attestation import Verifier
     from openg2p_audit.replay import event_from_record
 
-    records = [encode(e) for e in events]
+    records = [encode(e, ATTESTOR[0]) for e in events]
+    verifier = Verifier.from_settings(ATTESTOR[1])
     meter = Meter(os.getpid(), None).__enter__()
     for r in records:
-        store.event_to_row(event_from_record(r.headers, r.key, r.value))
+        store.event_to_row(event_from_record(r.headers, r.value, verifier))
     cpu = meter.stop()
     return {"path": "stage: decode + validate + map to row, records in memory",
             "rows": len(records), "rows_per_s": len(records) / cpu.wall, "cpu": cpu}  # fmt: skip
@@ -320,7 +330,7 @@ def produce(settings, events) -> None:
         batch_size=256 * 1024, enable_idempotence=True,
     )  # fmt: skip
     for e in events:
-        rec = encode(e)
+        rec = encode(e, ATTESTOR[0])
         producer.send(settings.kafka_events_topic, key=rec.key, value=rec.value,
                       headers=rec.headers)  # fmt: skip
     producer.flush(120)
@@ -369,7 +379,7 @@ def main() -> int:
         if not args.skip_bulk and not base.kafka_configured:
             kafka = LocalKafka(work / "kafka").start()
             overrides["kafka_bootstrap_servers"] = kafka.bootstrap
-        settings = base.model_copy(
+        settings = with_attestation_keys(base).model_copy(
             update={
                 **overrides,
                 "kafka_events_topic": f"bench.{uuid.uuid4().hex[:8]}.events",
@@ -381,6 +391,7 @@ def main() -> int:
                 "writer_auth": "disabled",
             }
         )
+        ATTESTOR[:] = [ingest_attestor(settings), settings]
         pg_pid = pg.proc.pid if pg else None
         conn = store.connect(settings)
         store.ensure_schema(conn)

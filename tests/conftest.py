@@ -13,6 +13,7 @@ import uuid
 import pg8000.native
 import pytest
 
+from attestation_support import INGEST_KEY, QUERY_KEY
 from openg2p_audit.devservices import LocalKafka, LocalPostgres
 from openg2p_audit.devservices.issuer import LocalIssuer
 from openg2p_audit.settings import Settings, load_settings
@@ -75,8 +76,8 @@ def settings(request, base_settings, bootstrap_servers, postgres_server) -> Sett
 
     Tokens are off here, explicitly (and logged at WARNING by each function):
     these modules test what happens to events; test_ingest_auth,
-    test_writer_auth and test_pipeline_auth turn tokens on and test who may
-    send them.
+    test_writer_auth, test_pipeline_auth and test_write_boundaries turn tokens
+    on and test who may send them. Attestation has no off switch.
     """
     tag = _module_tag(request)
     database_url = _new_database(base_settings, postgres_server, f"t_{tag}")
@@ -85,6 +86,7 @@ def settings(request, base_settings, bootstrap_servers, postgres_server) -> Sett
             "kafka_bootstrap_servers": bootstrap_servers,
             "kafka_events_topic": f"t.{tag}.events",
             "kafka_dlq_topic": f"t.{tag}.dlq",
+            "kafka_broker_dlq_topic": f"t.{tag}.broker-dlq",
             "kafka_digests_topic": f"t.{tag}.digests",
             "kafka_topic_partitions": 3,
             "kafka_consumer_group": f"t.{tag}.group",
@@ -92,6 +94,11 @@ def settings(request, base_settings, bootstrap_servers, postgres_server) -> Sett
             "db_host": None,
             "ingest_auth": "disabled",
             "writer_auth": "disabled",
+            "maintenance_auth": "disabled",
+            # Ingest attests what it produces and the writer stores nothing else, tokens or
+            # not: every module has the keys (attestation_support holds them).
+            "attestation_ingest_keys": INGEST_KEY,
+            "attestation_query_keys": QUERY_KEY,
         }
     )
 

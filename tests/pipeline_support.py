@@ -50,6 +50,8 @@ def module_manifests(
     names = {
         "openg2p.audit.events": settings.kafka_events_topic,
         "openg2p.audit.dlq": settings.kafka_dlq_topic,
+        "openg2p.audit.broker-dlq": settings.kafka_broker_dlq_topic,
+        "openg2p.audit.digests": settings.kafka_digests_topic,
         "openg2p-audit-consumer": settings.kafka_consumer_group,
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,8 @@ def module_manifests(
         if not ingest_auth and path.name == "configmap.yaml":
             assert "\n  INGEST_AUTH: required\n" in text
             text = text.replace("\n  INGEST_AUTH: required\n", "\n  INGEST_AUTH: disabled\n")
-        doc = yaml.safe_load(text) if path.suffix == ".yaml" else None
+        docs = list(yaml.safe_load_all(text)) if path.suffix == ".yaml" else []
+        doc = docs[0] if len(docs) == 1 else None  # several (EventPolicies): left as they are
         if delivery and path.name == "kafkasource.yaml":
             doc["spec"]["delivery"].update(delivery)
             text = yaml.safe_dump(doc, sort_keys=False)
@@ -79,12 +82,27 @@ def start_pipeline(settings: Settings, workdir: Path, **kw: Any) -> Runner:
         settings, workdir / "manifests", kw.pop("delivery", None),
         ingest_auth=kw.pop("ingest_auth", False),
     )  # fmt: skip
+    # The Secret audit-attestation holds the session's keys, so that tests can attest
+    # records as ingest does (attestation_support).
+    kw.setdefault("secrets", {"audit-attestation": {
+        "ingest": settings.attestation_ingest_keys, "query": settings.attestation_query_keys,
+    }})  # fmt: skip
     runner = Runner(
         manifests, settings, workdir=workdir, schedule_pings=False, commit_interval=0.5, **kw
     )
     runner.start()
     runner.wait_ready(90)
     return runner
+
+
+def broker_sender(runner: Runner, sender: str = "openg2p-registry") -> dict[str, str]:
+    """The token of a service that may send to the Broker (knative/base/eventpolicies.yaml):
+    its projected service-account token for the Broker's audience, as Knative's OIDC feature
+    wants at the Broker's ingress."""
+    token = runner.issuer.mint(
+        f"system:serviceaccount:default:{sender}", (), aud=runner.ingress_audience("Broker", BROKER)
+    )
+    return {"Authorization": f"Bearer {token}"}
 
 
 def now_z() -> str:

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
+from attestation_support import INGEST
 from openg2p_audit import kafka_binding
 from openg2p_audit.contract import AuditEvent, find_nul, json_schema, nesting_depth
 
@@ -88,7 +89,7 @@ def test_binary_kafka_round_trip_keeps_everything():
             },
         )
     )
-    record = kafka_binding.encode(e)
+    record = kafka_binding.encode(e, INGEST)
     headers = dict(record.headers)
     assert record.key == b"ben-9"
     assert headers["content-type"] == b"application/json"
@@ -101,12 +102,13 @@ def test_binary_kafka_round_trip_keeps_everything():
     assert back.data.model_extra == {"channel": "web"}
 
 
-def test_structured_record_decodes():
+def test_a_structured_record_is_not_an_event_of_the_topic():
+    """Ingest writes binary mode only: an envelope in a record's value is never read."""
     import json
 
     value = json.dumps(event()).encode()
-    e = kafka_binding.decode([("content-type", b"application/cloudevents+json")], None, value)
-    assert e.id == "evt-1"
+    with pytest.raises(kafka_binding.NotBinary):
+        kafka_binding.decode([("content-type", b"application/cloudevents+json")], None, value)
     with pytest.raises(ValueError):
         kafka_binding.decode([], None, b"not json")
 

@@ -14,6 +14,7 @@ import uuid
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from attestation_support import record as encode
 from eventing_support import (
     Recorder,
     committed,
@@ -30,7 +31,6 @@ from eventing_support import (
 from openg2p_audit.contract import AuditEvent
 from openg2p_audit.eventing.kafkasink import ensure_topic
 from openg2p_audit.eventing.runner import Runner
-from openg2p_audit.kafka_binding import encode
 
 BACKOFF = 0.05  # PT0.05S
 

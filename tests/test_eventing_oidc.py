@@ -26,7 +26,7 @@ from eventing_support import (
 from openg2p_audit.eventing import runner as runner_module
 from openg2p_audit.eventing.kafkasink import ensure_topic
 from openg2p_audit.eventing.runner import TOKEN_LIFETIME, TOKEN_RENEW_BEFORE, Runner
-from openg2p_audit.knative_identity import audience, oidc_subject
+from openg2p_audit.knative_identity import ingress_audience, oidc_subject
 
 SINK_AUDIENCE = "recorder-audience"
 DLS_AUDIENCE = "dead-letters-audience"
@@ -105,9 +105,14 @@ def test_a_kafkasink_or_broker_destination_gets_the_audience_knative_derives(run
     claims = _claims(runner, f"Bearer {token}", "eventing.knative.dev/kafkasink/default/dlq")
     assert claims["sub"] == oidc_subject("default", "KafkaSource", "to-sink")
     assert egress.token is None  # a Knative Service publishes no audience
-    assert audience("default", "KafkaSink", "dlq") == "eventing.knative.dev/kafkasink/default/dlq"
-    assert audience("default", "Broker", "audit") == "eventing.knative.dev/broker/default/audit"
-    assert audience("default", "Service", "audit-writer") is None
+    assert (
+        ingress_audience("default", "KafkaSink", "dlq")
+        == "eventing.knative.dev/kafkasink/default/dlq"
+    )
+    broker = ingress_audience("default", "Broker", "audit")
+    assert broker == "eventing.knative.dev/broker/default/audit"
+    with pytest.raises(ValueError, match="no ingress audience"):
+        ingress_audience("default", "Service", "audit-writer")
 
 
 def test_a_ping_carries_the_pingsources_own_token(runner, recorder):

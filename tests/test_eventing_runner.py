@@ -100,7 +100,15 @@ def test_pingsource_fire_now_reaches_its_sink(runner, recorder):
     assert runner.pings["hourly"].next_fire().minute == 0
 
 
-def _send(url: str, attrs: dict, structured: bool) -> int:
+def _token(runner, kind: str, name: str) -> dict[str, str]:
+    """With Knative's OIDC feature on, the Broker's and KafkaSink's ingress want a token for
+    their own audience; with no EventPolicy, any service account of the namespace may send."""
+    sub = "system:serviceaccount:default:sender"
+    token = runner.issuer.mint(sub, (), aud=runner.ingress_audience(kind, name))
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _send(url: str, attrs: dict, structured: bool, auth: dict[str, str]) -> int:
     data = {"hello": "world"}
     if structured:
         body = json.dumps({**attrs, "specversion": "1.0", "data": data}).encode()
@@ -109,7 +117,7 @@ def _send(url: str, attrs: dict, structured: bool) -> int:
         body = json.dumps(data).encode()
         headers = {"Content-Type": "application/json", "ce-specversion": "1.0"}
         headers.update({f"ce-{k}": v for k, v in attrs.items()})
-    return HTTP.request("POST", url, body=body, headers=headers).status
+    return HTTP.request("POST", url, body=body, headers={**headers, **auth}).status
 
 
 def test_broker_fans_out_to_matching_triggers(runner, recorder):
@@ -117,9 +125,11 @@ def test_broker_fans_out_to_matching_triggers(runner, recorder):
     login = {"id": str(uuid.uuid4()), "source": "svc", "type": "org.openg2p.audit.login"}
     legacy = {"id": str(uuid.uuid4()), "source": "x", "type": "org.openg2p.audit.login"}
     other = {"id": str(uuid.uuid4()), "source": "svc", "type": "com.example.other"}
-    assert _send(url, login, structured=True) == 202
-    assert _send(url, legacy, structured=False) == 202
-    assert _send(url, other, structured=False) == 202
+    auth = _token(runner, "Broker", "audit")
+    assert _send(url, login, structured=True, auth={}) == 401  # OIDC on: a token is needed
+    assert _send(url, login, structured=True, auth=auth) == 202
+    assert _send(url, legacy, structured=False, auth=auth) == 202
+    assert _send(url, other, structured=False, auth=auth) == 202
     ids = {e["id"] for e in (login, legacy, other)}
     want = {
         "/exact": {login["id"], legacy["id"]},
@@ -146,7 +156,7 @@ def test_broker_fans_out_to_matching_triggers(runner, recorder):
 
 
 def test_broker_refuses_what_is_not_a_cloudevent(runner):
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **_token(runner, "Broker", "audit")}
     resp = HTTP.request("POST", runner.broker_url("audit"), body=b"{}", headers=headers)
     assert resp.status == 400 and "ce-specversion" in json.loads(resp.data)["error"]
 
@@ -154,7 +164,8 @@ def test_broker_refuses_what_is_not_a_cloudevent(runner):
 def test_kafkasink_ingress_writes_binary_records(runner, topics):
     event_id = str(uuid.uuid4())
     attrs = {"id": event_id, "source": "s", "type": "t", "partitionkey": "k9"}
-    assert _send(runner.sink_url("dlq"), attrs, structured=True) == 202
+    auth = _token(runner, "KafkaSink", "dlq")
+    assert _send(runner.sink_url("dlq"), attrs, structured=True, auth=auth) == 202
     records = read_topic(topics.bootstrap_servers, topics.kafka_dlq_topic, 50, timeout=3)
     [rec] = [r for r in records if headers_of(r).get("ce_id") == event_id]
     assert rec.key == b"k9" and headers_of(rec)["content-type"] == "application/json"

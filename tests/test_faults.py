@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from attestation_support import attested_headers
 from eventing_support import produce
 from fault_support import Load, account, dlq_records, wait_for_rows
 from openg2p_audit.replay import replay
@@ -208,7 +209,8 @@ def test_poison_records_are_dead_lettered_and_stay_there(pipeline, settings, rep
         f"{tag}-nan": (data.replace(b'"view"', b'"view", "score": NaN'), b"1.0"),
     }
     records = [(None, value, _poison_headers(i, sv)) for i, (value, sv) in poison.items()]
-    records.append((None, data, _poison_headers(good["id"])))
+    # The good one as ingest produced it: attested (the poison ones are not even that).
+    records.append((None, data, attested_headers(_poison_headers(good["id"]), data)))
     produce(settings.bootstrap_servers, settings.kafka_events_topic, records)
 
     assert wait_for_rows(settings, {good["id"]}, 60) == {good["id"]: 1}

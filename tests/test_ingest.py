@@ -22,6 +22,7 @@ from ingest_support import request as _request
 from openg2p_audit import kafka_binding
 from openg2p_audit.devservices import LocalFunction
 from openg2p_audit.devservices.issuer import LocalIssuer
+from openg2p_audit.http_binding import header_value
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -114,7 +115,12 @@ def landed(fn, topics, bootstrap):
 
 
 def headers_of(record) -> dict[str, str]:
-    return {k: v.decode() for k, v in record.headers}
+    """A record's headers, attribute values decoded as every reader of the topic decodes them
+    (ingest writes them percent-encoded, kafka_binding)."""
+    return {
+        k: header_value(v.decode()) if k.startswith("ce_") else v.decode()
+        for k, v in record.headers
+    }
 
 
 # -- every content mode ------------------------------------------------------

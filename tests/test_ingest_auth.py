@@ -19,6 +19,7 @@ from ingest_support import end_offsets, read_topic, request
 from openg2p_audit.auth import TokenVerifier
 from openg2p_audit.devservices import LocalFunction
 from openg2p_audit.devservices.issuer import LocalIssuer
+from openg2p_audit.http_binding import header_value
 from openg2p_audit.policy import SourcePolicy
 from openg2p_audit.settings import SettingsError
 from test_ingest import BATCH, JSON, STRUCTURED, event
@@ -70,7 +71,12 @@ def bearer(token: str) -> dict[str, str]:
 
 
 def headers_of(record) -> dict[str, str]:
-    return {k: v.decode() for k, v in record.headers}
+    """A record's headers, attribute values decoded as every reader of the topic decodes them
+    (ingest writes them percent-encoded, kafka_binding)."""
+    return {
+        k: header_value(v.decode()) if k.startswith("ce_") else v.decode()
+        for k, v in record.headers
+    }
 
 
 @pytest.fixture

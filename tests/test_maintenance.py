@@ -17,15 +17,14 @@ from cloudevents.http import CloudEvent
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
+from attestation_support import record as encode
 from function_server import request, settings_env
 from openg2p_audit import store
 from openg2p_audit.devservices import LocalFunction
-from openg2p_audit.kafka_binding import encode
 from openg2p_audit.maintenance import (
     RUN_LOCK,
     MaintenanceError,
     handle_ping,
-    is_transient,
     redrive,
     run_maintenance,
     upkeep,
@@ -94,6 +93,19 @@ def dead_letter(event, code: str | None, body: dict | None = None):
     headers.append(("ce_knativeerrordest", WRITER_URL.encode()))
     if body is not None:
         headers.append(("ce_knativeerrordata", base64.b64encode(json.dumps(body).encode())))
+    return rec.key, rec.value, headers
+
+
+def forged_dead_letter(event, code: str | None):
+    """What an attacker posts to the dead-letter sink: the record ingest would make, but
+    attested with a key of the attacker's own (and, for good measure, any error code)."""
+    from openg2p_audit.attestation import Attestor
+    from openg2p_audit.kafka_binding import encode as encode_with
+
+    rec = encode_with(event, Attestor(b"mallory" * 8))
+    headers = list(rec.headers)
+    if code is not None:
+        headers.append(("ce_knativeerrorcode", code.encode()))
     return rec.key, rec.value, headers
 
 
@@ -338,37 +350,38 @@ def test_unreachable_database_fails_the_run(settings, monkeypatch):
 # --------------------------------------------------------------------------- dead letters
 
 
-def test_error_codes():
-    for code in (None, "", "500", "502", "503", "504", "408", "429"):
-        assert is_transient(code), code
-    for code in ("400", "401", "403", "404", "409", "413", "415", "422", "garbage"):
-        assert not is_transient(code), code
-
-
-def test_redrive_stores_transient_failures_and_leaves_permanent_ones(settings, pg):
+def test_redrive_stores_attested_dead_letters_whatever_their_code_and_leaves_the_rest(settings, pg):
+    """The rule: a dead letter is stored only if ingest's attestation verifies; its
+    knativeerror* extensions (anyone who can write to the topic can write them) decide
+    nothing, so a 503, a 401 of a misconfigured writer and no code at all (Knative's
+    OIDC feature off: the dispatcher failed before sending) are stored alike."""
     s = with_dlq(settings, partitions=2)
     store.ensure_schema(pg)
     unavailable = make_event()  # the writer answered 503
     timed_out = make_event(time="2026-02-28T23:59:59Z")  # no answer at all: no code
     throttled = make_event()  # 429, but its row is stored already
-    refused = make_event()  # 400: stays
-    unprocessable = make_event()  # 422 with the writer's body: stays
+    refused = make_event()  # 401 from a writer with the wrong token settings: stored
+    forged = make_event()  # no code (as if transient), but not attested by ingest: stays
+    unprocessable = make_event()  # attested, but altered on the way: stays
     store.insert_events(pg, [throttled])
     broken = dead_letter(make_event(), "503")
     broken_id = make_event().id
-    broken = (  # transient-coded, but its data breaks the contract: counted permanent
+    broken = (  # transient-coded, attested, but its data breaks the contract: stays
         broken[0],
         json.dumps({"action": "login"}).encode(),
         [(k, broken_id.encode() if k == "ce_id" else v) for k, v in broken[2]],
     )
+    altered = dead_letter(unprocessable, "422", invalid_event_body(unprocessable.id))
+    altered = (altered[0], altered[1].replace(b"login", b"logout"), altered[2])
     produce_dlq(
         s,
         [
             dead_letter(unavailable, "503", {"error": "database_unavailable"}),
             dead_letter(timed_out, None),
             dead_letter(throttled, "429"),
-            dead_letter(refused, "400"),
-            dead_letter(unprocessable, "422", invalid_event_body(unprocessable.id)),
+            dead_letter(refused, "401", {"error": "unauthorized"}),
+            forged_dead_letter(forged, None),
+            altered,
             broken,
         ],
         partition=0,
@@ -378,20 +391,21 @@ def test_redrive_stores_transient_failures_and_leaves_permanent_ones(settings, p
     summary = redrive(s, pg)
 
     assert summary.error is None
-    assert summary.dlq_seen == 7
-    assert (summary.redriven, summary.inserted, summary.duplicates) == (4, 2, 2)
+    assert summary.dlq_seen == 8
+    assert (summary.redriven, summary.inserted, summary.duplicates) == (5, 3, 2)
     assert summary.dlq_permanent_seen == 3
     report = {p["id"]: (p["code"], p["reason"]) for p in summary.permanent}
     assert report == {
-        refused.id: ("400", "http_400"),
-        unprocessable.id: ("422", "invalid_event"),
-        broken_id: ("503", "invalid_event"),
+        forged.id: (None, "not_attested"),
+        unprocessable.id: ("422", "not_attested"),
+        broken_id: ("503", "not_attested"),
     }
-    assert summary.committed == {0: 6, 1: 1}
+    assert summary.committed == {0: 7, 1: 1}
     assert summary.remaining == 0
-    assert committed_offsets(s) == {0: 6, 1: 1}
-    ids = [unavailable.id, timed_out.id, throttled.id, refused.id, unprocessable.id, broken_id]
-    assert stored_ids(pg, ids) == sorted([unavailable.id, timed_out.id, throttled.id])
+    assert committed_offsets(s) == {0: 7, 1: 1}
+    ids = [unavailable.id, timed_out.id, throttled.id, refused.id, forged.id,
+           unprocessable.id, broken_id]  # fmt: skip
+    assert stored_ids(pg, ids) == sorted([unavailable.id, timed_out.id, throttled.id, refused.id])
     assert pg.run("SELECT count(*) FROM audit_events WHERE id = :i", i=unavailable.id) == [[1]]
     row = pg.run("SELECT occurred_at FROM audit_events WHERE id = :i", i=timed_out.id)
     assert row == [[datetime(2026, 2, 28, 23, 59, 59, tzinfo=UTC)]]
@@ -407,14 +421,14 @@ def test_redrive_stores_transient_failures_and_leaves_permanent_ones(settings, p
     third = redrive(s, pg)
     assert (third.dlq_seen, third.redriven, third.inserted) == (1, 1, 1)
     assert stored_ids(pg, [late.id]) == [late.id]
-    assert committed_offsets(s) == {0: 6, 1: 2}
+    assert committed_offsets(s) == {0: 7, 1: 2}
 
 
 def test_redrive_commits_nothing_while_the_database_is_down(settings, pg):
     s = with_dlq(settings)
     store.ensure_schema(pg)
     event, refused = make_event(), make_event()
-    produce_dlq(s, [dead_letter(event, "503"), dead_letter(refused, "403")])
+    produce_dlq(s, [dead_letter(event, "503"), forged_dead_letter(refused, "403")])
     gone = store.connect(s)
     gone.close()  # a connection the database no longer answers on
     summary = redrive(s, gone)
@@ -455,8 +469,9 @@ def test_redrive_is_bounded_and_resumes(settings, pg):
     assert stored_ids(pg, [e.id for e in events]) == sorted(e.id for e in events)
 
 
-def test_redrive_takes_back_wrapped_legacy_records(settings, pg):
-    """A record without ce_ headers was wrapped by the KafkaSource as dev.knative.kafka.event."""
+def test_redrive_never_stores_a_wrapped_record(settings, pg):
+    """A record without ce_ headers, wrapped by the KafkaSource as dev.knative.kafka.event,
+    was not produced by ingest: even holding a whole structured event, it stays."""
     s = with_dlq(settings)
     legacy = make_event(source="legacy/odoo")
     original = json.dumps({**legacy.attributes(), "data": legacy.data_json()}).encode()
@@ -465,17 +480,20 @@ def test_redrive_takes_back_wrapped_legacy_records(settings, pg):
         ("ce_id", b"partition:0/offset:17"),
         ("ce_source", b"/apis/v1/namespaces/openg2p/kafkasources/audit-events#events"),
         ("ce_type", b"dev.knative.kafka.event"),
-        ("ce_knativeerrorcode", b"503"),
+        ("ce_time", b"2026-04-01T12:00:00.000Z"),
+        ("ce_knativeerrorcode", b"422"),
         ("content-type", b"application/json"),
     ]
     produce_dlq(s, [(b"legacy", original, headers)])
     summary = redrive(s, pg)
-    assert (summary.redriven, summary.inserted, summary.dlq_permanent_seen) == (1, 1, 0)
-    assert stored_ids(pg, [legacy.id]) == [legacy.id]
+    assert (summary.redriven, summary.inserted, summary.dlq_permanent_seen) == (0, 0, 1)
+    assert [p["reason"] for p in summary.permanent] == ["not_attested"]
+    assert stored_ids(pg, [legacy.id, "partition:0/offset:17"]) == []
 
 
-def test_redrive_reads_structured_dead_letters(settings, pg):
-    """A dead-letter sink in structured mode keeps the error attributes in the JSON envelope."""
+def test_redrive_never_reads_an_envelope_from_a_structured_dead_letter(settings, pg):
+    """The dead-letter sinks write binary mode; a structured record (its envelope is data
+    of the record, anyone's to write) is left, counted."""
     s = with_dlq(settings)
     retry, refused = make_event(), make_event()
 
@@ -489,11 +507,63 @@ def test_redrive_reads_structured_dead_letters(settings, pg):
 
     produce_dlq(s, [structured(retry, "500"), structured(refused, "413")])
     summary = redrive(s, pg)
-    assert (summary.redriven, summary.inserted, summary.dlq_permanent_seen) == (1, 1, 1)
+    assert (summary.redriven, summary.inserted, summary.dlq_permanent_seen) == (0, 0, 2)
     assert [(p["id"], p["code"], p["reason"]) for p in summary.permanent] == [
-        (refused.id, "413", "http_413")
+        (retry.id, "500", "not_binary"),
+        (refused.id, "413", "not_binary"),
     ]
-    assert stored_ids(pg, [retry.id, refused.id]) == [retry.id]
+    assert stored_ids(pg, [retry.id, refused.id]) == []
+
+
+def test_the_triggers_dead_letters_are_counted_and_never_stored(settings, pg):
+    """Broker events that ingest refused (or never received) never passed its checks."""
+    s = with_dlq(settings)
+    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+    s = s.model_copy(update={"kafka_broker_dlq_topic": s.kafka_dlq_topic + ".broker"})
+    try:
+        admin.create_topics([NewTopic(s.kafka_broker_dlq_topic, 1, 1)])
+    finally:
+        admin.close()
+    event = make_event()
+    rec = dead_letter(event, "403", {"error": "forbidden"})
+    producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
+    try:
+        producer.send(s.kafka_broker_dlq_topic, key=rec[0], value=rec[1], headers=rec[2]).get(30)
+    finally:
+        producer.close()
+    summary = redrive(s, pg, broker=True)
+    assert (summary.dlq_seen, summary.redriven, summary.dlq_permanent_seen) == (1, 0, 1)
+    [sample] = summary.permanent
+    assert (sample["id"], sample["code"], sample["reason"]) == (
+        event.id,
+        "403",
+        "broker_dead_letter",
+    )
+    assert "forbidden" in sample["message"]
+    assert stored_ids(pg, [event.id]) == []
+
+
+def test_the_dead_letters_left_for_an_operator_are_listed(settings, pg):
+    s = with_dlq(settings)
+    genuine, forged = make_event(), make_event()
+    produce_dlq(s, [dead_letter(genuine, "503"), forged_dead_letter(forged, None)])
+    exe = str(Path(sys.executable).parent / "openg2p-audit")
+    env = {**settings_env(s), "PATH": "/usr/bin:/bin"}
+
+    def listed(*args: str) -> list[dict]:
+        out = subprocess.run([exe, "dead-letters", *args], env=env, capture_output=True,
+                             text=True, timeout=120, check=True)  # fmt: skip
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+    left = listed()
+    assert [(e["id"], e["disposition"], e["reason"]) for e in left] == [
+        (forged.id, "left", "not_attested")
+    ]
+    every = listed("--all")
+    assert {(e["id"], e["disposition"]) for e in every} == {
+        (genuine.id, "redriven"), (forged.id, "left"),
+    }  # fmt: skip
+    assert stored_ids(pg, [genuine.id, forged.id]) == []  # listing stores nothing
 
 
 # --------------------------------------------------------------------------- dry run
@@ -506,7 +576,7 @@ def test_dry_run_changes_nothing(settings, pg):
     add_month(pg, 2025, 1)
     before = partitions(pg)
     transient, permanent = make_event(), make_event()
-    produce_dlq(s, [dead_letter(transient, "503"), dead_letter(permanent, "400")])
+    produce_dlq(s, [dead_letter(transient, "503"), forged_dead_letter(permanent, "400")])
 
     summary = run_maintenance(s, now=at("2026-04-02T00:00:00Z"), dry_run=True)
 

@@ -20,6 +20,8 @@ from eventing_support import headers_of, produce, read_topic
 from ingest_support import end_offsets, request
 from ingest_support import read_topic as read_topic_since
 from openg2p_audit import store
+from openg2p_audit.http_binding import transport_value
+from openg2p_audit.kafka_binding import decode_record
 from openg2p_audit.knative_identity import oidc_subject
 from openg2p_audit.topics import ensure_topics
 from pipeline_support import (
@@ -28,6 +30,7 @@ from pipeline_support import (
     PING,
     WRITER,
     audit_event,
+    broker_sender,
     start_pipeline,
     stored_ids,
     wait_stored,
@@ -143,7 +146,7 @@ def test_events_sent_to_the_broker_land_as_rows(pipeline, settings):
             "POST",
             pipeline.broker_url(BROKER),
             body=body,
-            headers={**headers, "Content-Type": "application/json"},
+            headers={**headers, "Content-Type": "application/json", **broker_sender(pipeline)},
         )
         assert reply.status == 202, reply.data
         ids.append(event["id"])
@@ -161,7 +164,8 @@ def test_a_malformed_record_lands_in_the_dlq_with_the_error_extensions(pipeline,
         ("ce_time", b"2026-11-28T08:00:00Z"),
         ("content-type", b"application/json"),
     ]
-    # No actor: the writer refuses it (4xx), so the KafkaSource dead-letters it at once.
+    # Not from ingest (no attestation), and no actor: the writer refuses it (4xx), so the
+    # KafkaSource dead-letters it at once.
     produce(bootstrap, settings.kafka_events_topic, [(None, b'{"action": "view"}', headers)])
     dead = [
         r
@@ -173,7 +177,7 @@ def test_a_malformed_record_lands_in_the_dlq_with_the_error_extensions(pipeline,
     assert h["ce_knativeerrorcode"] in {"400", "422"}
     assert h["ce_knativeerrordest"] == pipeline.service_url(WRITER)
     reason = json.loads(base64.b64decode(h["ce_knativeerrordata"]))
-    assert "actor" in json.dumps(reason)
+    assert reason["error"] == "not_attested"
     assert dead[0].value == b'{"action": "view"}'
     assert stored_ids(settings, [event_id]) == {}
 
@@ -234,7 +238,7 @@ def test_extension_attributes_land_in_the_row(pipeline, settings):
     headers, body = to_binary(_sdk_event({**via_broker, **extensions}))
     reply = urllib3.PoolManager(retries=False).request(
         "POST", pipeline.broker_url(BROKER), body=body,
-        headers={**headers, "Content-Type": "application/json"},
+        headers={**headers, "Content-Type": "application/json", **broker_sender(pipeline)},
     )  # fmt: skip
     assert reply.status == 202, reply.data
 
@@ -243,15 +247,18 @@ def test_extension_attributes_land_in_the_row(pipeline, settings):
     ids = [e["id"] for e in (go, python_sdk, structured, via_broker, plain)]
     assert wait_stored(settings, ids) == dict.fromkeys(ids, 1)
 
-    # On the topic they travel as ce_ headers, UTF-8.
+    # On the topic they travel as ce_ headers, percent-encoded: plain ASCII, which Knative's
+    # dispatcher copies into HTTP headers unchanged; every reader decodes them.
     records = {
-        headers_of(r)["ce_id"]: headers_of(r)
+        headers_of(r)["ce_id"]: r
         for r in read_topic_since(
             settings.kafka_bootstrap_servers, settings.kafka_events_topic, since
         )
     }
-    assert records[go["id"]]["ce_note"] == NOTE
-    assert records[python_sdk["id"]]["ce_note"] == NOTE
+    for event in (go, python_sdk):
+        raw = dict(records[event["id"]].headers)["ce_note"]
+        assert raw.isascii() and raw == transport_value(NOTE).encode()
+        assert decode_record(records[event["id"]].headers)["note"] == NOTE
 
     # Next to the emitter's own extensions, ingest's authcontext: who sent each event.
     issuer = pipeline.issuer.url

@@ -28,6 +28,7 @@ from pipeline_support import (
     INGEST,
     WRITER,
     audit_event,
+    broker_sender,
     start_pipeline,
     stored_ids,
     wait_stored,
@@ -159,7 +160,10 @@ def test_broker_deliveries_with_the_runners_token_land(pipeline, settings):
     event = audit_event()
     headers, body = _binary(event)
     reply = urllib3.PoolManager(retries=False).request(
-        "POST", pipeline.broker_url(BROKER), body=body, headers=headers
+        "POST",
+        pipeline.broker_url(BROKER),
+        body=body,
+        headers={**headers, **broker_sender(pipeline)},
     )
     assert reply.status == 202, reply.data
     assert wait_stored(settings, [event["id"]]) == {event["id"]: 1}

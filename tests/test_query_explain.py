@@ -119,7 +119,7 @@ def test_a_page_deep_in_the_range_still_reads_through_the_index(seeded):
         ("actor_id", picks["actors"][0]),
     ]
     request = query.parse_page(params, reader, query.CursorCodec(None))
-    after = (end - timedelta(days=40), "m")
+    after = (end - timedelta(days=40), "m", "/openg2p/registry")  # the key has source too
     sql, bound = query.page_sql(request.filters, 101, after)
     conn = query.connect(reader)
     try:

@@ -15,13 +15,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from attestation_support import reattest
+from attestation_support import record as encode
 from function_server import request as _request
 from kafkasource import binary_delivery, wrapped_delivery
 from openg2p_audit import store
 from openg2p_audit.contract import AuditEvent
 from openg2p_audit.devservices import LocalFunction
 from openg2p_audit.devservices.issuer import LocalIssuer
-from openg2p_audit.kafka_binding import encode
 from openg2p_audit.knative_identity import oidc_subject
 
 # The cluster's service-account issuer, as far as this module's writer knows.
@@ -81,6 +82,8 @@ def writer(settings, tmp_path_factory):
             "writer_auth": "required",
             "auth_issuer": ISSUER.url,
             "auth_jwks_url": ISSUER.jwks_url,
+            "writer_auth_issuer": ISSUER.url,
+            "writer_auth_subjects": SOURCE_SA,
         }
     )
     server = LocalFunction("writer", "write", auth, tmp_path_factory.mktemp("writer"))
@@ -237,37 +240,28 @@ def test_event_for_a_month_without_partition_is_stored(writer, pg):
     assert store.month_of(datetime(2019, 3, 1, tzinfo=UTC)) in store.list_partitions(pg)
 
 
-def test_record_wrapped_by_the_kafkasource_is_unwrapped(writer, pg):
+def test_a_record_wrapped_by_the_kafkasource_is_refused_for_good(writer, pg):
+    """A record without ce_ headers was not produced by ingest: whatever its value holds (here
+    a whole structured event), it is refused with a status the KafkaSource does not retry,
+    so it goes to the dead-letter topic, and nothing is stored."""
     inner = make_event(source="legacy/odoo", subject="beneficiary/7")
     structured = {**inner.attributes(), "data": inner.data_json()}
     headers, body = wrapped_delivery(json.dumps(structured).encode(), offset=17)
     status, answer, _ = request(writer.url, "POST", "/", body, headers)
-    assert (status, answer) == (201, {"status": "stored", "id": inner.id})
-    (row,) = rows(pg, inner.id)
-    assert (row["source"], row["subject"], row["occurred_at"]) == (
-        "legacy/odoo",
-        "beneficiary/7",
-        inner.time,
-    )
-    # the same record delivered again is a duplicate, not a new row keyed by its offset
-    assert request(writer.url, "POST", "/", body, headers)[0] == 200
+    assert (status, answer["error"]) == (422, "not_attested")
+    assert "dev.knative.kafka.event" in answer["message"]
+    assert rows(pg, inner.id) == []
     assert pg.run("SELECT count(*) FROM audit_events WHERE id LIKE 'partition:%'") == [[0]]
 
 
-def test_structured_mode_delivery_is_accepted_too(writer, pg):
+def test_a_structured_mode_delivery_is_refused(writer, pg):
+    """The KafkaSource delivers binary mode; an envelope in a body is never read as an event."""
     event = make_event()
     body = json.dumps({**event.attributes(), "data": event.data_json()}).encode()
-    headers = {"Content-Type": "application/cloudevents+json"}
-    assert request(writer.url, "POST", "/", body, headers)[:2] == (
-        201,
-        {"status": "stored", "id": event.id},
-    )
-    untimed = json.loads(body)
-    del untimed["time"]
-    untimed["id"] = "untimed"
-    status, answer, _ = request(writer.url, "POST", "/", json.dumps(untimed).encode(), headers)
-    assert (status, answer["error"]) == (422, "missing_time")
-    assert rows(pg, "untimed") == []
+    for media in ("application/cloudevents+json", "Application/CloudEvents+JSON; charset=x"):
+        status, answer, _ = request(writer.url, "POST", "/", body, {"Content-Type": media})
+        assert (status, answer["error"]) == (400, "not_a_cloudevent")
+    assert rows(pg, event.id) == []
 
 
 def _rejected(writer, pg, headers, body, status, error):
@@ -287,27 +281,30 @@ def test_malformed_deliveries_get_4xx_with_a_reason(writer, pg):
     _rejected(
         writer, pg, {"Content-Type": "application/json"}, b'{"a": 1}', 400, "not_a_cloudevent"
     )
+    # Each bad delivery below is attested as it is (reattest), so that it reaches the checks
+    # behind the attestation: ingest never attests such events, the writer checks anyway.
     # data that is not JSON
-    _rejected(writer, pg, good_headers, b"{not json", 400, "data_not_json")
+    _rejected(writer, pg, reattest(good_headers, b"{not json"), b"{not json", 400, "data_not_json")
     # a contract violation names the field
-    bad = json.loads(good_body)
-    bad["outcome"] = "maybe"
-    answer = _rejected(writer, pg, good_headers, json.dumps(bad).encode(), 422, "invalid_event")
+    bad = json.dumps({**json.loads(good_body), "outcome": "maybe"}).encode()
+    answer = _rejected(writer, pg, reattest(good_headers, bad), bad, 422, "invalid_event")
     assert answer["errors"][0]["field"] == "data.outcome"
     # no time: a redelivery could not be told from a new event
-    no_time = {k: v for k, v in good_headers.items() if k != "ce-time"}
+    no_time = reattest({k: v for k, v in good_headers.items() if k != "ce-time"}, good_body)
     _rejected(writer, pg, no_time, good_body, 422, "missing_time")
     # a NUL character PostgreSQL cannot store
-    nul = json.loads(good_body)
-    nul["context"] = {"note": "a\u0000b"}
-    answer = _rejected(writer, pg, good_headers, json.dumps(nul).encode(), 422, "unstorable")
+    nul = json.dumps({**json.loads(good_body), "context": {"note": "a\u0000b"}}).encode()
+    answer = _rejected(writer, pg, reattest(good_headers, nul), nul, 422, "unstorable")
     assert "NUL" in answer["message"]
     # a wrapped record whose value is not a CloudEvent
     headers, body = wrapped_delivery(b'{"hello": "world"}')
-    _rejected(writer, pg, headers, body, 422, "not_a_cloudevent")
+    _rejected(writer, pg, headers, body, 422, "not_attested")
     # an id too long to index
-    long_headers = {**good_headers, "ce-id": "x" * 5000}
+    long_headers = reattest({**good_headers, "ce-id": "x" * 5000}, good_body)
     _rejected(writer, pg, long_headers, good_body, 422, "unstorable")
+    # anything changed after ingest attested it
+    _rejected(writer, pg, {**good_headers, "ce-source": "/openg2p/payments"}, good_body, 422,
+              "not_attested")  # fmt: skip
 
 
 def test_health_readiness_and_metrics(writer):

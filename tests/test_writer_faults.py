@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pg8000.native
 import pytest
 
+from attestation_support import record as encode
 from conftest import _new_database
 from function_server import request, settings_env
 from kafkasource import binary_delivery
 from openg2p_audit import store
 from openg2p_audit.devservices import LocalFunction, LocalPostgres
-from openg2p_audit.kafka_binding import encode
 from test_writer import make_event
 
 pytestmark = pytest.mark.faults

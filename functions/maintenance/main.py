@@ -5,6 +5,8 @@ functions-framework target: `maintain` (signature type: http, served with `--asg
 reads the ping CloudEvent itself, and serves GET /metrics, /healthz and /readyz beside it.
 """
 
-from openg2p_audit.maintenance import maintain
+from openg2p_audit.maintenance import maintain, startup
+
+startup()  # a bad token setting stops the server here, not at the first ping
 
 __all__ = ["maintain"]

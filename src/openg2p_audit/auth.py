@@ -393,3 +393,62 @@ def refusal(exc: AuthError) -> Response:
             challenge += ', error="invalid_token"'
         headers = {"WWW-Authenticate": challenge}
     return Response(json.dumps(body), exc.status, headers, media_type="application/json")
+
+
+class WorkloadGate:
+    """Only the named workloads' OIDC tokens: one issuer, one audience, a list of subjects.
+
+    With Knative Eventing's `authentication-oidc` feature, a KafkaSource sends each
+    delivery (and a PingSource each ping) with a token of the source's own OIDC service
+    account, `system:serviceaccount:NS:<name>-oidc-<group>-<kind>` (knative_identity.py),
+    signed by the cluster's service-account issuer, for the sink's `audience`. The audience
+    alone proves nothing about the sender: any pod may ask the API server for a projected
+    token with any audience it names, and a Keycloak client may be given any audience too.
+    So the gate takes a token only from the configured issuer (one of the trusted issuers,
+    for its keys) and only for a subject in the list: a missing or bad token is 401, a good
+    token of anyone else 403; neither reads the body.
+    """
+
+    def __init__(self, settings: Settings, *, prefix: str, issuer: str | None,
+                 audience: str, subjects: str | None):  # fmt: skip
+        if not issuer or not subjects:
+            missing = [n for n, v in ((f"{prefix}_ISSUER", issuer),
+                                      (f"{prefix}_SUBJECTS", subjects)) if not v]  # fmt: skip
+            raise SettingsError(
+                f"{' and '.join(missing)} not set: {prefix}=required takes tokens of the named "
+                "workloads only (the cluster's service-account issuer, and the Knative source's "
+                "OIDC identity)"
+            )
+        known = {entry["issuer"]: entry for entry in settings.trusted_issuers}
+        if issuer not in known:
+            raise SettingsError(
+                f"{prefix}_ISSUER={issuer!r} is not a trusted issuer (AUTH_ISSUER or "
+                "AUTH_TRUSTED_ISSUERS): its signing keys are needed"
+            )
+        self.prefix = prefix
+        self.subjects = frozenset(s.strip() for s in subjects.split(",") if s.strip())
+        self.verifier = TokenVerifier(
+            settings, [Issuer(issuer, known[issuer]["jwks_url"], audience)], audience
+        )
+
+    def check(self, token: str | None) -> Principal:
+        """The caller if it is one of the workloads; AuthError otherwise (blocking)."""
+        principal = self.verifier.authorize(token)
+        if principal.subject not in self.subjects:
+            raise AuthError(403, f"{principal.subject} is not among {self.prefix}_SUBJECTS")
+        return principal
+
+    async def refusal(self, request: Request) -> Response | None:
+        """None when the request comes from one of the workloads; else the 401/403/503."""
+        token = bearer_token(request.headers.get("authorization"))
+        if token is not None:
+            hit = self.verifier.cached(token)
+            if hit is not None and hit.subject in self.subjects:
+                return None
+        try:
+            await asyncio.to_thread(self.check, token)
+        except AuthError as exc:
+            log.warning("refused %s %s: %s", request.method, request.url.path, exc.reason,
+                        extra={"status": exc.status})  # fmt: skip
+            return refusal(exc)
+        return None

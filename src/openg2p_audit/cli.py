@@ -94,10 +94,8 @@ def _print_dev_up(runner, live, cli: str) -> None:
     print(f"Kafka {live.kafka_bootstrap_servers}   PostgreSQL {live.database_dsn}")
     ingest = _function_service(runner, "ingest")
     if ingest:
-        from .eventing.services import container_env
-
         body = json.dumps(_sample_event(), separators=(",", ":"))
-        env = container_env(runner.manifests.get("Service", ingest), runner.manifests)
+        env = runner.services[ingest].env
         tokens = env.get("INGEST_AUTH", "required") == "required"
         if tokens:
             # The registry's client as Keycloak would name it; the ConfigMap's source policy
@@ -217,7 +215,7 @@ def _query_role(live, manifest_dir: Path) -> dict[str, dict[str, str]]:
     for svc in manifests.of(KService):
         if svc.env_value("FUNCTION_TARGET") != "query":
             continue
-        env = container_env(svc, manifests)
+        env = container_env(svc, manifests, lambda _secret, _key: None)  # only its role
         role, password = env.get("DB_USER"), env.get("DB_PASSWORD")
         if not role or role == live.pg_connect_kwargs["user"]:
             continue
@@ -463,6 +461,18 @@ def _cmd_upkeep(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(summary.as_dict()))
     return 1 if summary.status == "error" else 0
+
+
+def _cmd_dead_letters(args: argparse.Namespace) -> int:
+    """The dead letters left for an operator, and those the redrive stores, as JSON lines."""
+    from .maintenance import dead_letters
+
+    settings = load_settings()
+    for topic_is_broker in [True] if args.broker else [False, True]:
+        for entry in dead_letters(settings, broker=topic_is_broker, limit=args.limit):
+            if args.all or entry["disposition"] == "left":
+                print(json.dumps(entry, ensure_ascii=False))
+    return 0
 
 
 def _cmd_seal(args: argparse.Namespace) -> int:
@@ -759,8 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
         "upkeep",
         help="run the hourly maintenance now (partitions ahead, retention, DLQ redrive)",
         description="Create the monthly partitions ahead, drop those wholly older than the "
-        "retention, and store the dead-letter topic's transient failures, as the hourly "
-        "maintenance function does. Prints a JSON summary.",
+        "retention, seal the closed hours, and store the dead letters ingest attested, as the "
+        "hourly maintenance function does. Prints a JSON summary.",
     )
     up_keep.add_argument(
         "--dry-run",
@@ -777,6 +787,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --dry-run: plan as if it were this time (default: the UTC clock)",
     )
     up_keep.set_defaults(func=_cmd_upkeep)
+
+    dl = sub.add_parser(
+        "dead-letters",
+        help="list the dead letters the redrive leaves for an operator",
+        description="Read the dead-letter topics (KAFKA_DLQ_TOPIC, and the Trigger's "
+        "KAFKA_BROKER_DLQ_TOPIC) from the start, without a consumer group, and print one JSON "
+        "line per record the hourly redrive does not store, with the reason: no attestation "
+        "(not produced by ingest), a Broker event that never passed ingest, a contract "
+        "violation. Stores nothing.",
+    )
+    dl.add_argument("--broker", action="store_true", help="the Trigger's dead letters only")
+    dl.add_argument("--all", action="store_true", help="also those the redrive stores")
+    dl.add_argument("--limit", type=int, default=None, help="at most N records per topic")
+    dl.set_defaults(func=_cmd_dead_letters)
 
     seal = sub.add_parser(
         "seal",

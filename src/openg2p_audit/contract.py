@@ -37,7 +37,20 @@ _RFC3339 = re.compile(
 )
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,64}$")
-_JSON_MEDIA = re.compile(r"^application/(?:[\w.+-]+\+)?json\s*(?:;.*)?$", re.IGNORECASE)
+# Parameters in printable ASCII only: Content-Type travels as an HTTP header, which Knative's
+# dispatcher (Vert.x) can send only in printable ASCII and Latin-1.
+_JSON_MEDIA = re.compile(r"^application/(?:[\w.+-]+\+)?json\s*(?:;[\x20-\x7e]*)?$", re.IGNORECASE)
+# A CloudEvents format (application/cloudevents+json, -batch+json, ...) as the data's type
+# would make the data an event of its own: Knative's Kafka reader (cloudevents/sdk-java
+# MessageUtils) picks structured mode from the record's content type and delivers the
+# envelope inside `data` in place of the event ingest checked.
+_CLOUDEVENTS_MEDIA = re.compile(r"^\s*application/cloudevents", re.IGNORECASE)
+
+# java.net.URI, which Knative's Kafka dispatcher parses `source` and `dataschema` with, and
+# which refuses a record whose value it cannot parse (the KafkaSource then delivers it
+# wrapped, as an event nobody may store): the characters it cannot take raw travel
+# percent-encoded (http_binding.transport_value), so what is left to check is the shape.
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*$")
 
 # Envelope attributes the contract defines; anything else is an extension.
 CONTEXT_ATTRIBUTES = frozenset(
@@ -148,8 +161,19 @@ class AuditEvent(BaseModel):
     @field_validator("datacontenttype")
     @classmethod
     def _json_only(cls, value: str) -> str:
+        if is_cloudevents_media(value):
+            raise ValueError(CLOUDEVENTS_MEDIA_MESSAGE)
         if not _JSON_MEDIA.match(value):
             raise ValueError("data must be JSON (application/json)")
+        return value
+
+    @field_validator("source", "dataschema")
+    @classmethod
+    def _uri_reference(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = uri_reference_problem(value)
+            if problem:
+                raise ValueError(f"must be a URI-reference (RFC 3986): {problem}")
         return value
 
     @field_validator("traceparent")
@@ -214,6 +238,43 @@ class AuditEvent(BaseModel):
                 attrs[name] = value
         attrs.update({k: v for k, v in self.extensions.items() if v is not None})
         return attrs
+
+
+CLOUDEVENTS_MEDIA_MESSAGE = (
+    "must not be a CloudEvents format (application/cloudevents...): the data would be read as "
+    "an event of its own; send the event itself, in binary or structured mode"
+)
+
+
+def is_cloudevents_media(value: str) -> bool:
+    """Whether a content type names a CloudEvents format, in any case, with any parameters."""
+    return bool(_CLOUDEVENTS_MEDIA.match(value))
+
+
+def uri_reference_problem(value: str) -> str | None:
+    """What keeps `value` from being a URI reference that java.net.URI parses, or None.
+
+    Characters a URI cannot hold raw (space, non-ASCII letters, `<>"{}|\\^` and the like)
+    are allowed: they are percent-encoded in transport and decoded on arrival. What cannot
+    be escaped away is the shape: a `:` before the first `/`, `?` or `#` starts a scheme,
+    which must be a letter then letters, digits, `+`, `-` or `.`, and be followed by
+    something; at most one `#`; `//` must name an authority or go on with a path.
+    """
+    head = re.split(r"[/?#]", value, maxsplit=1)[0]
+    rest = value
+    if ":" in head:
+        scheme, _, rest = value.partition(":")
+        if not _URI_SCHEME.match(scheme):
+            return f"{scheme[:40]!r} before the ':' is not a URI scheme"
+        if not rest:
+            return "nothing follows the scheme"
+    if value.count("#") > 1:
+        return "more than one '#'"
+    if rest.startswith("//"):
+        authority = re.split(r"[/?#]", rest[2:], maxsplit=1)[0]
+        if not authority and len(rest) == 2:
+            return "'//' names no authority"
+    return None
 
 
 def find_nul(value: Any, path: str = "") -> str | None:
@@ -398,6 +459,12 @@ def check_event(
         where = find_nul(raw)
         if where is not None:
             problems.append(Problem("nul", "strings must not contain U+0000 (NUL)", where, index))
+    media = raw.get("datacontenttype")
+    if isinstance(media, str) and is_cloudevents_media(media):
+        return None, [
+            *problems,
+            Problem("unsupported_media_type", CLOUDEVENTS_MEDIA_MESSAGE, "datacontenttype", index),
+        ]
     try:
         event = AuditEvent.model_validate(raw)
     except ValidationError as exc:

@@ -19,13 +19,22 @@ otherwise, and percent escapes are then decoded. `José 50% "q"` arrives as
 sent from all three (a `%` not followed by two hex digits stays as it is).
 A Latin-1 value whose bytes happen to be valid UTF-8 (such as `Ã©`) is read
 as UTF-8; a Latin-1 sender cannot be told apart from that.
+
+The other direction, `transport_value`, is how ingest writes attribute values
+on the events topic: percent-encoded like the binding's header values, plus the
+characters java.net.URI refuses raw. Knative's Kafka dispatcher copies a
+record's `ce_*` headers into HTTP headers as they are (cloudevents/sdk-java's
+Vert.x writer does not encode, and Vert.x writes each character as one byte:
+Latin-1, or `?` for anything beyond), and parses `source` and `dataschema`
+with java.net.URI; an encoded value is plain ASCII that survives both, and
+every reader decodes it back (`header_value`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -43,6 +52,16 @@ def header_value(value: str) -> str:
         with contextlib.suppress(UnicodeError):
             value = value.encode("latin-1").decode("utf-8")
     return unquote(value) if "%" in value else value
+
+
+# Printable ASCII but for the space, `"` and `%` (the HTTP binding's rule, 3.1.3.2) and
+# `<>[\]^`{|}` (which java.net.URI refuses in a path): everything else is percent-encoded.
+_TRANSPORT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%<>[\\]^`{|}')
+
+
+def transport_value(value: str) -> str:
+    """An attribute value as it travels in a header: ASCII, decoded by `header_value`."""
+    return quote(value, safe=_TRANSPORT_SAFE, errors="surrogatepass")
 
 
 def binary_attributes(

@@ -43,13 +43,17 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from . import store
+from .attestation import EXTENSION as ATTESTATION
+from .attestation import Attestor, is_delivery_metadata
 from .auth import AuthError, Principal, TokenVerifier, bearer_token, refusal
 from .contract import AuditEvent, Limits, Problem, check_event
 from .http_binding import BATCH, STRUCTURED, binary_attributes, is_binary, media_type
 from .kafka_binding import KafkaRecord, encode
 from .observability import configure_logging, metrics_response
 from .policy import SourcePolicy, dumps_claims, reserved
-from .producer import Unavailable, drain_on_sigterm, producer_for
+from .producer import TooLarge, Unavailable, drain_on_sigterm, producer_for
+from .serving import bound_request_headers
 from .settings import SettingsError, load_settings
 
 # Settings are read at import, i.e. when the server starts: a bad value or a
@@ -57,6 +61,7 @@ from .settings import SettingsError, load_settings
 # every request later.
 SETTINGS = load_settings()
 configure_logging(SETTINGS.log_level.upper())
+bound_request_headers(SETTINGS)  # 431 past HTTP_MAX_HEADER_BYTES, before any token is read
 log = logging.getLogger("openg2p_audit.ingest")
 if not SETTINGS.kafka_configured:
     raise SettingsError("KAFKA_BOOTSTRAP_SERVERS is not set: ingest needs the Kafka brokers")
@@ -80,6 +85,8 @@ else:
 AUTH_CLAIMS = [c.strip() for c in SETTINGS.ingest_auth_claims.split(",") if c.strip()]
 # The CloudEvents authcontext extension: set by ingest only, never taken from an emitter.
 AUTHCONTEXT = ("authtype", "authid", "authclaims")
+# Every record is attested (attestation.py): the writer stores nothing else. No key, no start.
+ATTESTOR = Attestor.from_keys(SETTINGS.attestation_ingest_keys, "ATTESTATION_INGEST_KEYS")
 
 JSON_TYPES = frozenset({"application/json", STRUCTURED})
 
@@ -217,25 +224,41 @@ def _check_all(raws: list[Any], batch: bool, body: bytes | None = None) -> list[
         if found:
             problems.extend(found)
         elif event is not None:
-            events.append(event)
+            # What the table itself would refuse (an index entry too large) is refused here,
+            # before the 202, rather than dead-lettered by the writer afterwards.
+            oversized = store.index_problems(event)
+            problems.extend(
+                Problem("too_large", message, field, i if batch else None)
+                for field, message in oversized
+            )
+            if not oversized:
+                events.append(event)
     if problems:
         raise Rejected(400, problems, len(raws))
     return events
 
 
 def _encode_all(events: list[AuditEvent], batch: bool) -> list[KafkaRecord]:
-    records = [encode(e) for e in events]
+    """The attested records, each checked whole (headers included) against the limits."""
+    records = [encode(e, ATTESTOR) for e in events]
     limit = SETTINGS.ingest_max_event_bytes
-    if batch:
-        problems = []
-        for i, r in enumerate(records):
-            size = len(r.key) + len(r.value) + sum(len(k) + len(v) for k, v in r.headers)
-            if size > limit:
-                problems.append(
-                    Problem("too_large", f"event is {size} bytes; at most {limit} allowed", None, i)
-                )
-        if problems:
-            raise Rejected(413, problems, len(records))
+    header_limit = SETTINGS.ingest_max_attribute_bytes
+    problems = []
+    for i, r in enumerate(records):
+        where = i if batch else None
+        if r.size > limit:
+            problems.append(Problem(
+                "too_large", f"event is {r.size} bytes with its attributes; at most {limit} "
+                "allowed", None, where,
+            ))  # fmt: skip
+        elif r.attribute_bytes > header_limit:
+            problems.append(Problem(
+                "too_large", f"the event's attributes take {r.attribute_bytes} bytes as "
+                f"binary-mode headers; at most {header_limit} allowed (put large values "
+                "in data)", None, where,
+            ))  # fmt: skip
+    if problems:
+        raise Rejected(413, problems, len(records))
     return records
 
 
@@ -373,14 +396,33 @@ async def _caller(request: Request) -> Principal | None:
         raise
 
 
+def _reserved(name: str) -> str | None:
+    """Why an emitter may not send this extension, or None."""
+    if name in AUTHCONTEXT:
+        return f"{name} is set by ingest from the caller's token; do not send it"
+    if name == ATTESTATION:
+        return f"{name} is set by ingest on the records it produces; do not send it"
+    if name.startswith("knativeerror"):
+        return f"{name} is set by Knative on dead letters; do not send it"
+    return None
+
+
 def _authorise(events: list[AuditEvent], batch: bool, caller: Principal | None) -> None:
-    """Refuse an emitter-made authcontext (400), and events outside the caller's sources (403);
-    then stamp each event with the caller's authcontext. All or nothing, as the batch."""
-    bad = [
-        Problem("authcontext", f"{name} is set by ingest from the caller's token; do not send it",
-                name, i if batch else None)
-        for i, e in enumerate(events) for name in AUTHCONTEXT if name in e.extensions
-    ]  # fmt: skip
+    """Refuse extensions that only ingest or Knative set (400), and events outside the caller's
+    sources (403); then stamp each event with the caller's authcontext. All or nothing, as
+    the batch. Knative's Kafka dispatcher adds `knativekafkapartition` and
+    `knativekafkaoffset` to every event a Trigger delivers: where it was in the Broker's
+    topic, not part of the event, so they are dropped."""
+    bad = []
+    for i, e in enumerate(events):
+        extra = e.__pydantic_extra__ or {}
+        for name in [n for n in extra if is_delivery_metadata(n) and n.startswith("knativekafka")]:
+            del extra[name]
+        for name in extra:
+            why = _reserved(name)
+            if why:
+                reason = "authcontext" if name in AUTHCONTEXT else "reserved"
+                bad.append(Problem(reason, why, name, i if batch else None))
     if bad:
         raise Rejected(400, bad, len(events))
     # The query service's family is refused even with INGEST_AUTH=disabled (policy.reserved).
@@ -434,6 +476,9 @@ async def _accept(request: Request, reader: Reader) -> Response:
     started = time.monotonic()
     try:
         await producer_for(SETTINGS).publish(records, started, on_abandoned=_count_abandoned)
+    except TooLarge as exc:
+        # The deployment's Kafka takes smaller records than INGEST_MAX_EVENT_BYTES allows.
+        return _rejected(request, _problem("too_large", f"{exc}; send a smaller event", 413))
     except Unavailable as exc:
         UNAVAILABLE.labels(exc.cause).inc()
         log.warning(

@@ -16,7 +16,7 @@ Numbers: RFC 8785 only defines I-JSON numbers (IEEE 754 doubles). An integer
 beyond +/-(2^53 - 1) inside `details` is written as its decimal string before
 canonicalisation; both sides apply the same rule, so the leaf stays defined.
 
-The tree over an hour's leaves, ordered by (ingested_at, id, occurred_at) with
+The tree over an hour's leaves, ordered by (ingested_at, id, occurred_at, source) with
 codepoint string order, is RFC 6962's Merkle tree hash, and proofs are its
 audit paths. Digests are C2SP signed notes (Ed25519) whose body starts like a
 C2SP tlog checkpoint (origin, tree size, base64 root) and goes on with the
@@ -144,9 +144,13 @@ def leaf_hash(row: str | dict) -> bytes:
     return hashlib.sha256(b"\x00" + canonical_row(row)).digest()
 
 
-def leaf_order(row: dict) -> tuple[str, str, str]:
-    """The sort key of a leaf: the export's fixed-width times sort as the instants do."""
-    return (row["ingested_at"], row["id"], row["occurred_at"])
+def leaf_order(row: dict) -> tuple[str, str, str, str]:
+    """The sort key of a leaf: the export's fixed-width times sort as the instants do.
+
+    `source` is the last tie-breaker: the table's key is (id, source, occurred_at), and
+    before source joined it (id, occurred_at) was unique, so older hours keep their order.
+    """
+    return (row["ingested_at"], row["id"], row["occurred_at"], row["source"])
 
 
 def hour_of(ingested_at: str) -> str:
@@ -650,7 +654,7 @@ def _peek_hour(note: str) -> str | None:
 class HourRows:
     """An hour's rows as the verifier holds them: leaf hash, id, sort key."""
 
-    leaves: list[tuple[tuple[str, str, str], bytes, str]] = field(default_factory=list)
+    leaves: list[tuple[tuple[str, str, str, str], bytes, str]] = field(default_factory=list)
 
     def add(self, row: dict, line: str | None = None) -> None:
         # From the line when there is one: the text takes the fast canonical path.

@@ -38,13 +38,6 @@ PING_SOURCE = ("sources.knative.dev", "PingSource")
 
 _KINDS = {"trigger": TRIGGER, "kafkasource": KAFKA_SOURCE, "pingsource": PING_SOURCE}
 
-# The (group, Kind) of each receiving kind whose audience Knative derives (eventing-kafka-broker
-# control-plane/pkg/reconciler/broker/broker.go and sink/kafka_sink.go).
-_AUDIENCE_KINDS = {
-    "broker": ("eventing.knative.dev", "Broker"),
-    "kafkasink": ("eventing.knative.dev", "KafkaSink"),
-}
-
 
 def child_name(parent: str, suffix: str) -> str:
     """knative/pkg `kmeta.ChildName`, byte for byte (names are ASCII, so len is bytes)."""
@@ -80,11 +73,22 @@ def oidc_subject(namespace: str, kind: str, name: str) -> str:
     return f"system:serviceaccount:{namespace}:{oidc_service_account(name, group, kind_name)}"
 
 
-def audience(namespace: str, kind: str, name: str) -> str | None:
-    """The OIDC audience Knative gives a Broker or KafkaSink; None for any other kind
-    (a Knative Service publishes none: a token for it needs an `audience` in the manifest)."""
-    found = _AUDIENCE_KINDS.get(kind.lower())
-    if found is None:
-        return None
-    group, kind_name = found
+# The (group, Kind) of each resource whose ingress checks OIDC tokens for its own audience
+# (eventing-kafka-broker control-plane/pkg/reconciler/broker/broker.go and sink/kafka_sink.go).
+BROKER = ("eventing.knative.dev", "Broker")
+KAFKA_SINK = ("eventing.knative.dev", "KafkaSink")
+_INGRESSES = {"broker": BROKER, "kafkasink": KAFKA_SINK}
+
+
+def ingress_audience(namespace: str, kind: str, name: str) -> str:
+    """The audience a Broker's or KafkaSink's ingress requires of a token, with OIDC on.
+
+    knative/eventing `auth.GetAudience`: `<group>/<kind>/<namespace>/<name>`, lowercased
+    (what eventing-kafka-broker's broker and sink reconcilers publish as the address's
+    audience, and what their receiver checks).
+    """
+    try:
+        group, kind_name = _INGRESSES[kind.lower()]
+    except KeyError:
+        raise ValueError(f"no ingress audience is known for kind {kind!r}") from None
     return f"{group}/{kind_name}/{namespace}/{name}".lower()

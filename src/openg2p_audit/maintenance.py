@@ -20,12 +20,24 @@ then report "skipped" with success rather than fail):
    supplement, and the digests go to their Kafka topic. A partition dropped
    by retention first gets its signed `retired` digest. Without a signing key
    (`INTEGRITY_SIGNING_KEY_FILE`) this step is skipped and the summary says so.
-3. Dead-letter redrive: records that a KafkaSource gave up on for a transient
-   reason (HTTP 5xx, 408, 429, or no answer at all) are stored through the one
-   insert path, `store.insert_events`; records refused for good (other 4xx, or
-   found unstorable here) stay in the dead-letter topic and are reported. The
-   consumer group `KAFKA_REDRIVE_GROUP` remembers how far redrive has read, so
-   each record is handled once.
+3. Dead-letter redrive, by one rule: **a dead letter is stored only if it is an
+   event ingest produced, as ingest produced it**, which its attestation proves
+   (attestation.py), and only through the writer's own decoder and checks
+   (`writer.event_from_attributes`) and the one insert path, `store.insert_events`
+   (a row already stored stays single). The `knativeerror*` extensions say why
+   the writer did not take it (a 5xx, a 401 from a misconfigured token, no answer
+   at all when Knative's OIDC feature is off and the dispatcher could not even
+   get a token), and decide nothing: anyone who can write to the dead-letter
+   topic can write them too. Everything else (no attestation or a wrong one, a
+   structured-mode or wrapped record, an event the contract refuses) stays in
+   the topic, counted by reason in `audit_maintenance_dlq_permanent_total` and
+   listed by `openg2p-audit dead-letters`. The Trigger's dead-letter topic
+   (`KAFKA_BROKER_DLQ_TOPIC`) holds Broker events that ingest refused or never
+   saw: they never passed ingest's checks, so they are never stored from there;
+   they are counted (reason `broker_dead_letter`) and listed for an operator,
+   who has their sender send them again. The consumer group
+   `KAFKA_REDRIVE_GROUP` remembers how far redrive has read each topic, so each
+   record is handled once.
 
 The clock is the process's UTC clock, not the ping's `time` attribute (a
 delayed or retried ping carries an old time); `upkeep` takes `now` for tests.
@@ -41,6 +53,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -55,9 +68,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import sealing, store
-from .kafka_binding import STRUCTURED_CONTENT_TYPE, is_binary
+from .attestation import Verifier
+from .auth import WorkloadGate
+from .kafka_binding import STRUCTURED_CONTENT_TYPE, NotBinary, decode_record, is_binary
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
-from .settings import Settings, load_settings
+from .serving import bound_request_headers
+from .settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("openg2p_audit.maintenance")
 
@@ -141,6 +157,7 @@ class UpkeepSummary:
     dropped: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     redrive: RedriveSummary | None = None
+    broker_dead_letters: RedriveSummary | None = None  # the Trigger's: counted, never stored
     seal: dict[str, Any] | None = None
     retired: list[int] = field(default_factory=list)  # seq of the retired digests written
     skipped: str | None = None
@@ -150,6 +167,9 @@ class UpkeepSummary:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["redrive"] = self.redrive.as_dict() if self.redrive else None
+        out["broker_dead_letters"] = (
+            self.broker_dead_letters.as_dict() if self.broker_dead_letters else None
+        )
         return out
 
 
@@ -229,22 +249,6 @@ def upkeep(
 
 # --------------------------------------------------------------------------- dead letters
 
-_ERROR_PREFIX = "ce_knativeerror"
-
-
-def is_transient(code: str | None) -> bool:
-    """Whether a dead-letter error code means "not now" rather than "never".
-
-    No code means the subscriber never answered (timeout, connection refused).
-    """
-    if code is None or not code.strip():
-        return True
-    try:
-        status = int(code.strip())
-    except ValueError:
-        return False
-    return status >= 500 or status in (408, 429)
-
 
 def _header(headers: list[tuple[str, bytes]], name: str) -> str | None:
     for key, value in headers:
@@ -259,7 +263,8 @@ _ERROR_ATTRIBUTES = ("id", "knativeerrorcode", "knativeerrordata")
 def error_attributes(
     headers: list[tuple[str, bytes]], value: bytes | None
 ) -> dict[str, str | None]:
-    """The event id and the knativeerror* attributes of a dead letter, binary or structured mode."""
+    """The event id and the knativeerror* attributes of a dead letter, binary or structured mode
+    (for the report only: they decide nothing)."""
     if is_binary(headers):
         return {name: _header(headers, f"ce_{name}") for name in _ERROR_ATTRIBUTES}
     found: dict[str, str | None] = dict.fromkeys(_ERROR_ATTRIBUTES)
@@ -286,22 +291,25 @@ def _refusal_reason(code: str | None, data: str | None) -> str:
     return f"http_{(code or '').strip() or 'none'}"
 
 
-def event_from_dead_letter(headers: list[tuple[str, bytes]], key: bytes | None, value: bytes):
-    """The audit event inside a dead-letter record, decoded as the writer path decodes it.
+def event_from_dead_letter(
+    headers: list[tuple[str, bytes]], value: bytes | None, verifier: Verifier
+):
+    """The audit event of a dead letter, decoded and checked as the writer does it.
 
-    The dead-letter sink writes the event in binary mode plus the
-    `knativeerror*` extensions, which are delivery metadata and are removed.
-    A record the KafkaSource had wrapped (no CloudEvent in the original
-    record) carries the original value as its data. Raises writer.Rejection,
-    store.UnstorableEvent or pydantic.ValidationError for what cannot be stored.
+    The dead-letter KafkaSink writes the delivery in binary mode, so the record holds
+    the event's attributes as the writer received them, plus the `knativeerror*`
+    extensions (delivery metadata, left out of the event). Raises writer.Rejection,
+    store.UnstorableEvent or pydantic.ValidationError for what may not be stored.
     """
-    from .replay import event_from_record
-    from .writer import WRAPPED_TYPE, unwrap_structured, validate_attributes
+    from .writer import Rejection, event_from_attributes
 
-    kept = [(k, v) for k, v in headers if not k.lower().startswith(_ERROR_PREFIX)]
-    if _header(kept, "ce_type") == WRAPPED_TYPE:
-        return validate_attributes(unwrap_structured(value, _header(kept, "ce_id")))
-    return event_from_record(kept, key, value)
+    try:
+        attrs = decode_record(headers)
+    except NotBinary as exc:
+        raise Rejection(400, "not_binary", str(exc)) from None
+    except ValueError as exc:
+        raise Rejection(400, "not_a_cloudevent", f"unreadable headers: {exc}") from None
+    return event_from_attributes(attrs, value, verifier)
 
 
 def redrive(
@@ -311,8 +319,10 @@ def redrive(
     dry_run: bool = False,
     max_records: int | None = None,
     max_seconds: float | None = None,
+    broker: bool = False,
 ) -> RedriveSummary:
-    """Store the transient failures in the DLQ, up to the end offsets seen at start.
+    """Store the attested events of the DLQ (see the module's rule), up to the end offsets
+    seen at start; with `broker`, read the Trigger's dead-letter topic, storing nothing.
 
     Offsets are committed to the redrive group only after the rows they stand
     for are committed in PostgreSQL, batch by batch. A database failure stops
@@ -325,15 +335,21 @@ def redrive(
 
     limit = settings.redrive_max_records if max_records is None else max_records
     seconds = settings.redrive_max_seconds if max_seconds is None else max_seconds
-    summary = RedriveSummary(
-        topic=settings.kafka_dlq_topic, group=settings.kafka_redrive_group, dry_run=dry_run
-    )
+    topic = settings.kafka_broker_dlq_topic if broker else settings.kafka_dlq_topic
+    summary = RedriveSummary(topic=topic, group=settings.kafka_redrive_group, dry_run=dry_run)
     if not settings.kafka_configured:
         summary.skipped = "KAFKA_BOOTSTRAP_SERVERS is not set"
         return summary
     if limit <= 0:
         summary.skipped = "REDRIVE_MAX_RECORDS is 0"
         return summary
+    verifier: Verifier | None = None
+    if not broker:
+        try:
+            verifier = Verifier.from_settings(settings)
+        except SettingsError as exc:
+            summary.error = str(exc)
+            return summary
     deadline = time.monotonic() + seconds
 
     consumer = KafkaConsumer(
@@ -347,11 +363,11 @@ def redrive(
         bootstrap_timeout_ms=10000,  # an unreachable broker fails the pass, not the whole ping
     )
     try:
-        available = consumer.partitions_for_topic(settings.kafka_dlq_topic)
+        available = consumer.partitions_for_topic(topic)
         if not available:
-            summary.skipped = f"topic {settings.kafka_dlq_topic!r} does not exist"
+            summary.skipped = f"topic {topic!r} does not exist"
             return summary
-        tps = [TopicPartition(settings.kafka_dlq_topic, p) for p in sorted(available)]
+        tps = [TopicPartition(topic, p) for p in sorted(available)]
         first = consumer.beginning_offsets(tps)
         ends = consumer.end_offsets(tps)
         starts: dict[TopicPartition, int] = {}
@@ -386,7 +402,7 @@ def redrive(
                     if record.offset >= end or summary.dlq_seen >= limit:
                         break
                     summary.dlq_seen += 1
-                    _classify(record, tp.partition, batch)
+                    _classify(record, tp.partition, batch, verifier)
                     advanced[tp] = record.offset + 1
             if batch.rows and not dry_run:
                 if not _store_rows(conn, batch, summary):
@@ -418,19 +434,27 @@ class _Batch:
     permanent: list[tuple[dict[str, Any], str, str | None]] = field(default_factory=list)
 
 
-def _classify(record, partition: int, batch: _Batch) -> None:
-    """A row to store for a transient failure; a permanent failure otherwise."""
+def _classify(record, partition: int, batch: _Batch, verifier: Verifier | None) -> None:
+    """A row to store for an attested event ingest produced; a record to leave otherwise.
+
+    Without a verifier (the Trigger's dead letters) nothing is stored: those events never
+    passed ingest's checks.
+    """
     from .writer import Rejection
 
     headers = list(record.headers or [])
     attrs = error_attributes(headers, record.value)
     code = attrs["knativeerrorcode"]
     where = {"id": attrs["id"], "code": code, "partition": partition, "offset": record.offset}
-    if not is_transient(code):
-        batch.permanent.append((where, _refusal_reason(code, attrs["knativeerrordata"]), None))
+    if verifier is None:
+        why = _refusal_reason(code, attrs["knativeerrordata"])
+        batch.permanent.append((
+            where, "broker_dead_letter",
+            f"a Broker event that never passed ingest ({why}); its sender must send it again",
+        ))  # fmt: skip
         return
     try:
-        event = event_from_dead_letter(headers, record.key, record.value or b"")
+        event = event_from_dead_letter(headers, record.value, verifier)
         batch.rows.append((store.event_to_row(event), where))
     except Rejection as rej:
         batch.permanent.append((where, rej.reason, rej.message))
@@ -438,6 +462,57 @@ def _classify(record, partition: int, batch: _Batch) -> None:
         batch.permanent.append((where, "unstorable", str(exc)))
     except ValidationError as exc:
         batch.permanent.append((where, "invalid_event", str(exc).splitlines()[0]))
+
+
+def dead_letters(
+    settings: Settings, *, broker: bool = False, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every record of a dead-letter topic (the Trigger's with `broker`), oldest first, with
+    what the redrive makes of it: `redriven` (stored, now or by its next run) or `left` (and
+    why). Reads without a consumer group and stores nothing: `openg2p-audit dead-letters`."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    topic = settings.kafka_broker_dlq_topic if broker else settings.kafka_dlq_topic
+    verifier = None if broker else Verifier.from_settings(settings)
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
+        client_id="openg2p-audit-dead-letters", request_timeout_ms=30000,
+    )  # fmt: skip
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not tps:
+            return
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        todo = {tp for tp in tps if consumer.position(tp) < ends[tp]}
+        shown = 0
+        while todo:
+            for tp, records in consumer.poll(timeout_ms=1000, max_records=500).items():
+                for record in records:
+                    if record.offset >= ends[tp]:
+                        continue
+                    batch = _Batch()
+                    _classify(record, tp.partition, batch, verifier)
+                    headers = list(record.headers or [])
+                    entry: dict[str, Any] = {
+                        "topic": topic, "partition": tp.partition, "offset": record.offset,
+                        "id": _header(headers, "ce_id"), "source": _header(headers, "ce_source"),
+                        "type": _header(headers, "ce_type"),
+                        "code": _header(headers, "ce_knativeerrorcode"),
+                    }  # fmt: skip
+                    if batch.rows:
+                        entry["disposition"] = "redriven"
+                    else:
+                        _where, reason, message = batch.permanent[0]
+                        entry.update(disposition="left", reason=reason, message=message)
+                    yield entry
+                    shown += 1
+                    if limit is not None and shown >= limit:
+                        return
+            todo = {tp for tp in todo if consumer.position(tp) < ends[tp]}
+    finally:
+        consumer.close(autocommit=False)
 
 
 def _settle(summary: RedriveSummary, batch: _Batch) -> None:
@@ -491,6 +566,21 @@ def _store_rows(conn: pg8000.native.Connection, batch: _Batch, summary: RedriveS
 
 
 # --------------------------------------------------------------------------- a whole run
+
+
+def _redrive_pass(
+    settings: Settings, conn: pg8000.native.Connection, dry_run: bool, *, broker: bool
+) -> RedriveSummary:
+    """One dead-letter topic's pass; Kafka trouble is reported in the summary, not raised."""
+    try:
+        return redrive(settings, conn, dry_run=dry_run, broker=broker)
+    except Exception as exc:  # noqa: BLE001 - Kafka trouble is reported
+        return RedriveSummary(
+            topic=settings.kafka_broker_dlq_topic if broker else settings.kafka_dlq_topic,
+            group=settings.kafka_redrive_group,
+            dry_run=dry_run,
+            error=f"dead-letter topic unavailable: {exc}",
+        )
 
 
 def _try_lock(conn: pg8000.native.Connection, wait: float) -> bool:
@@ -560,18 +650,14 @@ def run_maintenance(
                 if seal_hours and not dry_run:
                     _seal(settings, conn, summary)
                 if redrive_dlq:
-                    try:
-                        summary.redrive = redrive(settings, conn, dry_run=dry_run)
-                    except Exception as exc:  # noqa: BLE001 - Kafka trouble is reported
-                        summary.redrive = RedriveSummary(
-                            topic=settings.kafka_dlq_topic,
-                            group=settings.kafka_redrive_group,
-                            dry_run=dry_run,
-                            error=f"dead-letter topic unavailable: {exc}",
-                        )
-                    if summary.redrive.error:
-                        summary.status = "error"
-                        summary.error = summary.redrive.error
+                    summary.redrive = _redrive_pass(settings, conn, dry_run, broker=False)
+                    summary.broker_dead_letters = _redrive_pass(
+                        settings, conn, dry_run, broker=True
+                    )
+                    for part in (summary.redrive, summary.broker_dead_letters):
+                        if part.error and summary.status != "error":
+                            summary.status = "error"
+                            summary.error = part.error
             finally:
                 _unlock(conn)
     finally:
@@ -630,6 +716,40 @@ def _json(status: int, body: dict[str, Any]) -> Response:
     return Response(json.dumps(body, default=str), status, media_type="application/json")
 
 
+_gate: tuple[WorkloadGate | None] | None = None
+
+
+def startup() -> None:
+    """Check who may trigger a run when the server starts (functions/maintenance/main.py)."""
+    bound_request_headers(load_settings())
+    gate()
+
+
+def gate() -> WorkloadGate | None:
+    """Only the PingSource's OIDC identity may start a run (None when MAINTENANCE_AUTH=disabled).
+
+    A run drops expired partitions, seals hours and redrives dead letters: not something
+    for anyone who can reach the Service to set off.
+    """
+    global _gate
+    if _gate is None:
+        settings = load_settings()
+        if settings.maintenance_auth == "required":
+            _gate = (WorkloadGate(
+                settings, prefix="MAINTENANCE_AUTH", issuer=settings.maintenance_auth_issuer,
+                audience=settings.maintenance_auth_audience,
+                subjects=settings.maintenance_auth_subjects,
+            ),)  # fmt: skip
+        else:
+            configure_logging()
+            log.warning(
+                "MAINTENANCE_AUTH=disabled: anyone who reaches maintenance can start a run; "
+                "never run a deployment like this"
+            )
+            _gate = (None,)
+    return _gate[0]
+
+
 async def maintain(request: Request) -> Response:
     """functions-framework aio HTTP target (served with `--asgi`), fired hourly by a PingSource.
 
@@ -650,6 +770,11 @@ async def maintain(request: Request) -> Response:
         return _json(404, {"error": "not_found", "message": f"no GET {path}"})
     if request.method != "POST":
         return _json(405, {"error": "method_not_allowed", "message": "pings are POSTed"})
+    workloads = gate()
+    if workloads is not None:
+        refused = await workloads.refusal(request)
+        if refused is not None:
+            return refused
     body = await request.body()
     try:
         event = from_http(dict(request.headers), body)

@@ -37,7 +37,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaProducer
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 
 from .kafka_binding import KafkaRecord
 from .settings import Settings
@@ -62,6 +68,25 @@ class Unavailable(Exception):
         self.cause = cause  # broker_unavailable | overloaded | broker_error | shutting_down
 
 
+class TooLarge(Exception):
+    """Kafka would refuse a record this large, now and on every retry: answer 413.
+
+    The topic's `max.message.bytes` is read when the producer is made, and a record over
+    it is refused before anything is sent: kafka-python's idempotent producer, once the
+    broker has refused a batch for its size, fails every later send with the same error
+    (tests/test_write_boundaries.py), so such a record must never reach the broker.
+    """
+
+
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# Kafka's default message.max.bytes: the limit assumed when the topic's cannot be read.
+_KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1048588
+# What a record batch holding one record adds to its key, value and headers (v2 format: a
+# 61-byte batch header, then varint lengths and deltas), reckoned generously.
+_BATCH_OVERHEAD = 61 + 40
+_PER_HEADER = 10
+
+
 class EventProducer:
     """One process's producer to the events topic."""
 
@@ -80,6 +105,8 @@ class EventProducer:
         self._ready: tuple[float, bool] = (0.0, False)
         self._requests = 0  # publish() calls in progress (on the event loop)
         self.draining = False
+        # The topic's max.message.bytes, read with each new producer.
+        self.max_message_bytes = _KAFKA_DEFAULT_MAX_MESSAGE_BYTES
 
     # -- the producer itself -------------------------------------------------
 
@@ -94,6 +121,8 @@ class EventProducer:
             if self._producer is None:
                 budget_ms = max(50, int((deadline - time.monotonic()) * 1000))
                 try:
+                    self.max_message_bytes = self._topic_limit(budget_ms)
+                    budget_ms = max(50, int((deadline - time.monotonic()) * 1000))
                     self._producer = KafkaProducer(**self._config(budget_ms))
                 except (KafkaError, OSError) as exc:
                     self._failed_at = time.monotonic()
@@ -104,6 +133,28 @@ class EventProducer:
         finally:
             self._create_lock.release()
 
+    def _topic_limit(self, budget_ms: int) -> int:
+        """The events topic's max.message.bytes (the broker's default when it has none)."""
+        admin = KafkaAdminClient(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            client_id="openg2p-audit-ingest-limits",
+            request_timeout_ms=budget_ms,
+            bootstrap_timeout_ms=budget_ms,
+        )
+        try:
+            found = admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, self.topic, ["max.message.bytes"])],
+                config_filter="all",
+            )
+            value = found["topic"][self.topic]["max.message.bytes"]["value"]
+            return int(value)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("cannot read %s's max.message.bytes (%s); assuming Kafka's default %d",
+                        self.topic, exc, _KAFKA_DEFAULT_MAX_MESSAGE_BYTES)  # fmt: skip
+            return _KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+        finally:
+            admin.close()
+
     def _config(self, bootstrap_timeout_ms: int) -> dict[str, Any]:
         s = self.settings
         return {
@@ -112,7 +163,8 @@ class EventProducer:
             "acks": "all",
             "enable_idempotence": True,
             "linger_ms": s.ingest_linger_ms,
-            "batch_size": 256 * 1024,
+            # A batch larger than the topic takes would be split and sent again.
+            "batch_size": max(16 * 1024, min(256 * 1024, self.max_message_bytes - _BATCH_OVERHEAD)),
             "max_request_size": max(1024 * 1024, s.ingest_max_event_bytes * 2),
             # Both bound the only blocking inside send(): waiting for metadata.
             "max_block_ms": s.ingest_ack_timeout_ms,
@@ -176,6 +228,11 @@ class EventProducer:
             if on_abandoned is not None:
                 acks.when_settled(on_abandoned)
             raise
+        if isinstance(acks.error, _TOO_LARGE):
+            # The topic's limit shrank since it was read: this producer can send nothing more
+            # (see TooLarge), so it is replaced, and the next one reads the limit again.
+            self._discard(producer, acks.error)
+            raise TooLarge(f"Kafka refused a record this large: {acks.error}")
         if acks.error is not None:
             raise Unavailable("broker_error", f"Kafka rejected a record: {acks.error}")
 
@@ -186,6 +243,14 @@ class EventProducer:
         loop: asyncio.AbstractEventLoop,
     ) -> _Acks:
         n = len(records)
+        limit = self.max_message_bytes
+        for record in records:  # all or nothing, before anything is sent
+            size = record.size + _BATCH_OVERHEAD + _PER_HEADER * len(record.headers)
+            if size > limit:
+                raise TooLarge(
+                    f"the event's record is {size} bytes in Kafka; the topic {self.topic} takes "
+                    f"at most {limit} (its max.message.bytes)"
+                )
         with self._pending_lock:
             if self._pending + n > self.settings.ingest_max_pending_events:
                 raise Unavailable(
@@ -206,6 +271,8 @@ class EventProducer:
         except KafkaTimeoutError as exc:
             self._failed_at = time.monotonic()
             raise Unavailable("broker_unavailable", "Kafka metadata unavailable in time") from exc
+        except _TOO_LARGE as exc:  # the producer's own check, before it took the record
+            raise TooLarge(f"Kafka refuses a record this large: {exc}") from exc
         except KafkaError as exc:
             # send() itself only fails like this when the producer is unusable (closed, or
             # in a fatal idempotence state): replace it rather than fail every request.

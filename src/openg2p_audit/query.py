@@ -4,7 +4,7 @@ Shared by the query service (`query_service`) and the operator's CLI
 (`openg2p-audit query`), so both validate the same parameters the same way
 and run the same SQL.
 
-Pages are keyset pages on (occurred_at, id), newest first, never OFFSET: the
+Pages are keyset pages on (occurred_at, id, source), newest first, never OFFSET: the
 seed's indexes all end in `occurred_at DESC`, so a page deep into a busy month
 costs what the first page costs. The cursor carries the last row's key and a
 fingerprint of the filters, and is signed (HMAC-SHA256), so a client can
@@ -139,7 +139,7 @@ class Filters:
 class PageRequest:
     filters: Filters
     limit: int
-    after: tuple[datetime, str] | None
+    after: tuple[datetime, str, str] | None  # the last row's occurred_at, id, source
 
 
 def _z(moment: datetime) -> str:
@@ -294,15 +294,15 @@ class CursorCodec:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()[:16]
 
-    def encode(self, filters: Filters, occurred_at: str, event_id: str) -> str:
+    def encode(self, filters: Filters, occurred_at: str, event_id: str, source: str) -> str:
         payload = json.dumps(
-            [occurred_at, event_id, base64.b64encode(filters.fingerprint()).decode()],
+            [occurred_at, event_id, source, base64.b64encode(filters.fingerprint()).decode()],
             separators=(",", ":"),
             ensure_ascii=False,
         ).encode()
         return _b64(payload) + "." + _b64(self._mac(payload))
 
-    def decode(self, cursor: str, filters: Filters) -> tuple[datetime, str]:
+    def decode(self, cursor: str, filters: Filters) -> tuple[datetime, str, str]:
         bad = BadParameter("cursor", "is not a cursor this service issued (malformed or altered)")
         head, dot, tail = cursor.partition(".")
         if not dot or len(cursor) > 4096:
@@ -319,13 +319,17 @@ class CursorCodec:
             fields = json.loads(payload)
         except ValueError:  # not JSON, or not UTF-8
             raise bad from None
-        if not (isinstance(fields, list) and len(fields) == 3
+        if not (isinstance(fields, list) and len(fields) == 4
                 and all(isinstance(f, str) for f in fields)):  # fmt: skip
             raise bad
-        occurred_at, event_id, fingerprint = fields
+        occurred_at, event_id, source, fingerprint = fields
         try:
             fingerprint_bytes = base64.b64decode(fingerprint, validate=True)
-            after = parse_time("cursor", occurred_at), check_text("cursor", event_id)
+            after = (
+                parse_time("cursor", occurred_at),
+                check_text("cursor", event_id),
+                check_text("cursor", source),
+            )
         except (ValueError, binascii.Error):
             raise bad from None
         if fingerprint_bytes != filters.fingerprint():
@@ -409,7 +413,7 @@ _CSV_LINE = " || ',' || ".join(
 )
 
 
-def where(filters: Filters, after: tuple[datetime, str] | None = None) -> tuple[str, dict]:
+def where(filters: Filters, after: tuple[datetime, str, str] | None = None) -> tuple[str, dict]:
     """The WHERE clause and its parameters; every value is a bound parameter."""
     clauses = ["occurred_at >= :from_", "occurred_at < :to_"]
     params: dict[str, Any] = {"from_": filters.from_, "to_": filters.to}
@@ -434,16 +438,23 @@ def where(filters: Filters, after: tuple[datetime, str] | None = None) -> tuple[
         clauses.append("details -> 'extensions' ->> 'tenantid' = :tenant")
         params["tenant"] = filters.tenant
     if after is not None:
-        # The first clause is what an index range scan can use; the second breaks ties.
-        clauses.append("occurred_at <= :after_at AND (occurred_at < :after_at OR id < :after_id)")
-        params["after_at"], params["after_id"] = after
+        # The first clause is what an index range scan can use; the second breaks ties
+        # on the rest of the key (the same id may come from two sources).
+        clauses.append(
+            "occurred_at <= :after_at AND (occurred_at < :after_at OR id < :after_id"
+            " OR (id = :after_id AND source < :after_source))"
+        )
+        params["after_at"], params["after_id"], params["after_source"] = after
     return " AND ".join(clauses), params
 
 
-ORDER = "ORDER BY occurred_at DESC, id DESC"
+ORDER = "ORDER BY occurred_at DESC, id DESC, source DESC"
+
+# A page's position: the last row's (occurred_at, id, source).
+After = tuple[datetime, str, str]
 
 
-def page_sql(filters: Filters, limit: int, after: tuple[datetime, str] | None) -> tuple[str, dict]:
+def page_sql(filters: Filters, limit: int, after: After | None) -> tuple[str, dict]:
     clause, params = where(filters, after)
     params["limit_"] = limit
     return f"SELECT {_select()} FROM {TABLE} WHERE {clause} {ORDER} LIMIT :limit_", params
@@ -467,13 +478,16 @@ def fetch_page(conn: pg8000.native.Connection, request: PageRequest, codec: Curs
     more = len(rows) > request.limit
     last = events[-1] if events else None
     cursor = (
-        codec.encode(request.filters, last["occurred_at"], last["id"]) if more and last else None
+        codec.encode(request.filters, last["occurred_at"], last["id"], last["source"])
+        if more and last
+        else None
     )
     return Page(events, cursor)
 
 
 def fetch_event(conn: pg8000.native.Connection, event_id: str) -> list[dict[str, Any]]:
-    """The stored event(s) with this id: the key is (id, occurred_at), so there may be several."""
+    """The stored event(s) with this id: the key is (id, source, occurred_at), so there may be
+    several (other sources, other times)."""
     rows = conn.run(f"SELECT {_select()} FROM {TABLE} WHERE id = :id {ORDER}", id=event_id)
     return [_event(r) for r in rows]
 
@@ -498,11 +512,11 @@ def export_chunks(
     """
     if fmt == "csv":
         yield (csv_line(CSV_COLUMNS) + "\r\n").encode()
-    after: tuple[datetime, str] | None = None
+    after: After | None = None
     left = cap
     # The key comes back as text: the driver would otherwise build a datetime for every
     # row, and only the last row's is needed (for the next batch).
-    key = f"{_TS.format('occurred_at')}, id"
+    key = f"{_TS.format('occurred_at')}, id, source"
     select = _JSON_LINE if fmt == "jsonl" else _CSV_LINE
     while left > 0:
         clause, params = where(filters, after)
@@ -514,11 +528,11 @@ def export_chunks(
         if not rows:
             return
         end = "\n" if fmt == "jsonl" else "\r\n"
-        yield (end.join([r[2] for r in rows]) + end).encode()
+        yield (end.join([r[3] for r in rows]) + end).encode()
         left -= len(rows)
         if len(rows) < params["limit_"]:
             return
-        after = (parse_time("cursor", rows[-1][0]), rows[-1][1])
+        after = (parse_time("cursor", rows[-1][0]), rows[-1][1], rows[-1][2])
 
 
 # --------------------------------------------------------------------------- connections

@@ -40,16 +40,19 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from . import query as reads
+from .attestation import Attestor
 from .auth import AuthError, Principal, TokenVerifier, authenticate, refusal
 from .contract import AuditEvent
 from .kafka_binding import encode
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
 from .policy import QUERY_SOURCE, QUERY_TYPE_PREFIX
 from .producer import Unavailable, producer_for
+from .serving import bound_request_headers
 from .settings import SettingsError, load_settings
 
 SETTINGS = load_settings()
 configure_logging(SETTINGS.log_level.upper())
+bound_request_headers(SETTINGS)
 log = logging.getLogger("openg2p_audit.query_service")
 if not SETTINGS.kafka_configured:
     raise SettingsError("KAFKA_BOOTSTRAP_SERVERS is not set: every read is audited through Kafka")
@@ -72,11 +75,15 @@ if SETTINGS.query_cursor_secret is None:
 # Reads come one at a time, not in bursts that could share a batch: the audit event is
 # sent at once instead of lingering for company (ingest's linger setting is for ingest).
 AUDIT_PRODUCER_SETTINGS = SETTINGS.model_copy(update={"ingest_linger_ms": 0})
+# The read events are attested with the query service's own key: the writer stores them as
+# this service's own events only (attestation.py).
+ATTESTOR = Attestor.from_keys(SETTINGS.attestation_query_keys, "ATTESTATION_QUERY_KEYS")
 
 READ_ROLE = "audit.read"
 EXPORT_ROLE = "audit.export"
 # Ingest refuses this source and type family from every caller (policy.py): these events
-# come only from here, produced straight to Kafka.
+# come only from here, produced straight to Kafka, and the query service's attestation key
+# attests nothing else (attestation.py).
 SOURCE = QUERY_SOURCE
 PERFORMED = QUERY_TYPE_PREFIX + "performed"
 EXPORTED = QUERY_TYPE_PREFIX + "exported"
@@ -205,7 +212,8 @@ def read_event(
 async def audit_read(event: AuditEvent) -> None:
     """Return once Kafka holds the event; ReadFailed otherwise."""
     try:
-        await producer_for(AUDIT_PRODUCER_SETTINGS).publish([encode(event)], time.monotonic())
+        record = encode(event, ATTESTOR)
+        await producer_for(AUDIT_PRODUCER_SETTINGS).publish([record], time.monotonic())
     except Unavailable as exc:
         log.warning("read not audited, answering 503: %s", exc, extra={"cause": exc.cause})
         raise ReadFailed(

@@ -10,15 +10,17 @@ It reads with no consumer group and commits no offsets, so it never moves the
 KafkaSource's position. The range is fixed when it starts (the end defaults
 to the partitions' current end), so it always finishes.
 
-Records that can never be stored are reported (partition, offset, reason) and
-skipped; the KafkaSource sent the same records to the dead-letter topic when
-it first met them.
+Only ingest's own records are stored, as the writer takes them: each one's
+attestation must verify (attestation.py), and it is decoded and checked by the
+writer's decoder (`writer.event_from_attributes`). Records that can never be
+stored (a record another producer wrote to the topic, a contract violation)
+are reported (partition, offset, reason) and skipped; the KafkaSource sent the
+same records to the dead-letter topic when it first met them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -33,10 +35,11 @@ from kafka import KafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from . import store
+from .attestation import Verifier
 from .contract import AuditEvent
-from .kafka_binding import STRUCTURED_CONTENT_TYPE, decode_attributes, is_binary
+from .kafka_binding import NotBinary, decode_record
 from .settings import Settings
-from .writer import Rejection, unwrap_structured, validate_attributes
+from .writer import Rejection, event_from_attributes
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +83,16 @@ class RejectedRecord:
 
 
 def event_from_record(
-    headers: list[tuple[str, bytes]], key: bytes | None, value: bytes
+    headers: list[tuple[str, bytes]], value: bytes | None, verifier: Verifier
 ) -> AuditEvent:
-    """A record as the writer would receive it from a KafkaSource; Rejection if unstorable."""
-    names = {h.lower() for h, _ in headers}
-    content_type = next((v for h, v in headers if h.lower() == "content-type"), b"").decode()
-    if is_binary(headers) or content_type.startswith(STRUCTURED_CONTENT_TYPE):
-        try:
-            attrs = decode_attributes(headers, key, value)
-        except (ValueError, TypeError) as exc:
-            raise Rejection(400, "not_a_cloudevent", f"unreadable CloudEvent: {exc}") from None
-        if not _time_given(headers, names, value):
-            attrs.pop("time", None)  # the SDK filled in "now"
-        return validate_attributes(attrs)
-    # What a KafkaSource wraps as dev.knative.kafka.event: a legacy structured event.
-    return validate_attributes(unwrap_structured(value))
-
-
-def _time_given(headers: list[tuple[str, bytes]], names: set[str], value: bytes) -> bool:
-    if is_binary(headers):
-        return "ce_time" in names
+    """A record as the writer would take it from a KafkaSource; Rejection if never storable."""
     try:
-        return "time" in json.loads(value)
-    except ValueError:
-        return False
+        attrs = decode_record(headers)
+    except NotBinary as exc:
+        raise Rejection(400, "not_binary", str(exc)) from None
+    except ValueError as exc:
+        raise Rejection(400, "not_a_cloudevent", f"unreadable headers: {exc}") from None
+    return event_from_attributes(attrs, value, verifier)
 
 
 def _to_ms(moment: datetime) -> int:
@@ -254,6 +243,7 @@ def replay(
     With workers > 1 the partitions are shared out among that many processes:
     decoding and validating is CPU work that one Python process does on one core.
     """
+    Verifier.from_settings(settings)  # without the keys nothing could be stored: say so now
     batch_size = batch_size or settings.replay_batch_size
     started = time.perf_counter()
     consumer = _consumer(settings, batch_size)
@@ -324,7 +314,10 @@ def _replay_ranges(
         for tp in todo:
             consumer.seek(tp, ranges[tp][0])
         inserter = _Inserter(settings, rejected, committed)
-        _drain(consumer, todo, batch_size, inserter, summary, rejected, committed)
+        _drain(
+            Verifier.from_settings(settings), consumer, todo, batch_size, inserter, summary,
+            rejected, committed,
+        )  # fmt: skip
         inserter.close()
         inserter = None
         return summary, rejects, None
@@ -339,6 +332,7 @@ def _replay_ranges(
 
 
 def _drain(
+    verifier: Verifier,
     consumer: KafkaConsumer,
     todo: dict[TopicPartition, int],
     batch_size: int,
@@ -361,7 +355,7 @@ def _drain(
                     break
                 summary.records += 1
                 try:
-                    event = event_from_record(record.headers or [], record.key, record.value)
+                    event = event_from_record(record.headers or [], record.value, verifier)
                     rows.append(store.event_to_row(event))
                     where.append((tp.partition, record.offset))
                 except Rejection as rej:

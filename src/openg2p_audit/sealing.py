@@ -65,8 +65,10 @@ _DDL = [
     " WHERE kind = 'sealed'",
 ]
 
-# The leaf order, with codepoint order for ids ("C" collation), as the verifier sorts.
-_ORDER = 'ORDER BY ingested_at, id COLLATE "C", occurred_at'
+# The leaf order, with codepoint order for text ("C" collation), as the verifier sorts.
+# `source` is last: before it joined the table's key, (id, occurred_at) was unique, so
+# hours sealed then keep their order.
+_ORDER = 'ORDER BY ingested_at, id COLLATE "C", occurred_at, source COLLATE "C"'
 _HOUR_ROWS = (
     f"SELECT {query._JSON_LINE} FROM {store.TABLE}"
     " WHERE ingested_at >= :start AND ingested_at < :end"

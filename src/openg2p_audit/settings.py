@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = None
     kafka_events_topic: TopicName = "openg2p.audit.events"
     kafka_dlq_topic: TopicName = "openg2p.audit.dlq"
+    # The Trigger's dead letters: Broker events that never passed ingest (never stored).
+    kafka_broker_dlq_topic: TopicName = "openg2p.audit.broker-dlq"
     kafka_topic_partitions: int = Field(12, ge=1, le=1000)
     # How `openg2p-audit topics` creates the topics: copies of each partition, and how many
     # of them must hold a record before acks=all answers (so before ingest's 202). One of
@@ -88,10 +90,18 @@ class Settings(BaseSettings):
     ingest_max_batch_bytes: int = Field(5 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     ingest_max_depth: int = Field(32, ge=2, le=200)
     ingest_max_clock_skew_seconds: int = Field(300, ge=0, le=7 * 24 * 3600)
+    # The event's attributes as binary-mode headers (ce-*, Content-Type), as the KafkaSource
+    # delivers them. Knative's Kafka receiver (the dead-letter KafkaSink) takes at most 8 KiB
+    # of request headers (Vert.x's default), and a dead letter carries the dispatcher's own
+    # (token, knativeerror* with up to 1368 bytes of error data): 4 KiB of attributes fit.
+    ingest_max_attribute_bytes: int = Field(4096, ge=512, le=1024 * 1024)
     ingest_ack_timeout_ms: int = Field(1500, ge=50, le=60_000)
     ingest_linger_ms: int = Field(5, ge=0, le=1000)
     ingest_max_pending_events: int = Field(50_000, ge=1, le=10_000_000)
     ingest_retry_after_seconds: int = Field(1, ge=1, le=3600)
+    # Every function: the most request-header bytes read before the request is refused with
+    # 431 (uvicorn's httptools parser sets no bound of its own; see serving.py).
+    http_max_header_bytes: int = Field(64 * 1024, ge=8 * 1024, le=1024 * 1024)
 
     # Dead-letter redrive, run by the hourly maintenance: its own consumer group on the DLQ
     # topic, and bounds that keep one run well inside a PingSource's patience.
@@ -157,6 +167,19 @@ class Settings(BaseSettings):
     writer_auth: Literal["required", "disabled"] = "required"
     # The audience a delivery's token must carry: the KafkaSource's `sink.audience`.
     writer_auth_audience: str = Field("openg2p-audit-writer", min_length=1)
+    # Whose tokens: the cluster's service-account issuer (one of AUTH_TRUSTED_ISSUERS), and
+    # the KafkaSource's OIDC identity (`sub`), comma-separated system:serviceaccount:NS:NAME.
+    writer_auth_issuer: str | None = None
+    writer_auth_subjects: str | None = None
+    # Maintenance takes only its PingSource's pings the same way (its `sink.audience`).
+    maintenance_auth: Literal["required", "disabled"] = "required"
+    maintenance_auth_audience: str = Field("openg2p-audit-maintenance", min_length=1)
+    maintenance_auth_issuer: str | None = None
+    maintenance_auth_subjects: str | None = None
+    # Attestation keys (attestation.py; Secret audit-attestation): ingest's, and the query
+    # service's for its own read events. Comma-separated, the first attests, all verify.
+    attestation_ingest_keys: str | None = None
+    attestation_query_keys: str | None = None
     # Which `source`s (and `type` prefixes) each caller may emit under: YAML or JSON text
     # (a ConfigMap key), or a file holding it. See policy.py.
     ingest_source_policy: str | None = None
@@ -195,10 +218,34 @@ class Settings(BaseSettings):
             )
         return ",".join(names)
 
-    @field_validator("auth_issuer", "auth_jwks_url")
+    @field_validator(
+        "auth_issuer", "auth_jwks_url", "writer_auth_issuer", "maintenance_auth_issuer"
+    )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         return None if value is None else _check_http_url(value)
+
+    @field_validator("writer_auth_subjects", "maintenance_auth_subjects")
+    @classmethod
+    def _subjects(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        names = [s.strip() for s in value.split(",") if s.strip()]
+        if not names or any(
+            not re.fullmatch(r"system:serviceaccount:[a-z0-9.-]+:[a-z0-9.-]+", n) for n in names
+        ):
+            raise ValueError("expected comma-separated system:serviceaccount:NAMESPACE:NAME")
+        return ",".join(names)
+
+    @field_validator("attestation_ingest_keys", "attestation_query_keys")
+    @classmethod
+    def _keys(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        keys = [k.strip() for k in value.split(",")]
+        if any(len(k) < 32 or re.search(r"\s", k) for k in keys):
+            raise ValueError("expected comma-separated keys of 32 or more characters each")
+        return ",".join(keys)
 
     @field_validator("auth_trusted_issuers")
     @classmethod
@@ -317,6 +364,18 @@ def _parse_verifier_keys(text: str) -> list:
     return read_verifier_keys("\n".join(re.split(r"[\s,]+", text.strip())))
 
 
+# Settings whose values are secrets: an error names the variable, never its value.
+SECRET_SETTINGS = frozenset(
+    {
+        "DB_PASSWORD",
+        "DATABASE_URL",
+        "QUERY_CURSOR_SECRET",
+        "ATTESTATION_INGEST_KEYS",
+        "ATTESTATION_QUERY_KEYS",
+    }
+)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment; on a bad value exit with one line naming the variable."""
     try:
@@ -324,10 +383,5 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]).upper() if err["loc"] else "settings"
-        # A secret's value is never echoed: the line goes to logs.
-        shown = "(hidden)" if name in _SECRET_SETTINGS else repr(err.get("input"))
+        shown = "(secret)" if name in SECRET_SETTINGS else repr(err.get("input"))
         raise SettingsError(f"invalid setting {name}={shown}: {err['msg']}") from None
-
-
-# Settings whose values must not appear in an error line.
-_SECRET_SETTINGS = frozenset({"QUERY_CURSOR_SECRET", "DB_PASSWORD", "DATABASE_URL"})

@@ -8,8 +8,13 @@ events so it costs nothing for the common case.
 
 Every writer of rows (the HTTP writer, the bulk replay, the DLQ redrive) goes
 through `insert_events`, so there is one definition of "stored": a row keyed
-by (id, occurred_at), inserted with ON CONFLICT DO NOTHING, in a committed
-transaction. Redelivery therefore never adds a second row.
+by (id, source, occurred_at), inserted with ON CONFLICT DO NOTHING, in a
+committed transaction. Redelivery therefore never adds a second row. The key
+holds `source` because CloudEvents identifies an event by source and id: two
+emitters that happen to pick the same id are two events, and neither may
+suppress the other (docs/decisions.md). `id` comes first so that a lookup by
+id stays one index probe; `occurred_at`, the partition key, must be part of
+any unique key of a partitioned table.
 
 Partitions are monthly in UTC. The partition helpers are public because the
 maintenance function reuses them to create partitions ahead and drop expired
@@ -83,17 +88,21 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     trace_id      text,
     details       jsonb,
     ingested_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (id, occurred_at)
+    PRIMARY KEY (id, source, occurred_at)
 ) PARTITION BY RANGE (occurred_at)
 """
 
-# Re-sends with a stored (id, occurred_at) but other content: the stored row stays as it
-# is (first version wins), and each distinct other version is kept here with how often
-# and since when it came. `stored_hash` is the stored row's leaf hash (integrity.py).
+# The table's key, in index order; the insert's conflict target and every lookup of a row.
+KEY = ("id", "source", "occurred_at")
+
+# Re-sends with a stored key (id, source, occurred_at) but other content: the stored row
+# stays as it is (first version wins), and each distinct other version is kept here with
+# how often and since when it came. `stored_hash` is the stored row's leaf hash.
 CONFLICTS = "audit_conflicts"
 _DDL_CONFLICTS = f"""
 CREATE TABLE IF NOT EXISTS {CONFLICTS} (
     id            text        NOT NULL,
+    source        text        NOT NULL,
     occurred_at   timestamptz NOT NULL,
     incoming_hash bytea       NOT NULL,
     stored_hash   bytea       NOT NULL,
@@ -101,9 +110,49 @@ CREATE TABLE IF NOT EXISTS {CONFLICTS} (
     first_seen    timestamptz NOT NULL DEFAULT now(),
     last_seen     timestamptz NOT NULL DEFAULT now(),
     count         bigint      NOT NULL DEFAULT 1,
-    PRIMARY KEY (id, occurred_at, incoming_hash)
+    PRIMARY KEY (id, source, occurred_at, incoming_hash)
 )
 """
+
+# Tables made before `source` joined the key (the key was (id, occurred_at)) are brought to
+# the current key in the schema step, once, under its advisory lock: the statements check
+# the catalog themselves, so they do nothing on a table that already has it. Rebuilding the
+# primary key reads every row under an exclusive lock, so this one step runs without the
+# statement timeout (plan a quiet moment on a large trail: docs/deployment.md).
+_KEY_COLUMNS = """
+SELECT array_agg(a.attname::text ORDER BY k.ord)
+FROM pg_constraint c
+CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+WHERE c.conrelid = to_regclass(:table) AND c.contype = 'p'
+GROUP BY c.conname
+"""
+
+
+def _migrations(conn: pg8000.native.Connection) -> list[str]:
+    """The statements that bring an older table and conflict log to the current key."""
+    statements: list[str] = []
+    events_key = conn.run(_KEY_COLUMNS, table=TABLE)
+    if events_key and events_key[0][0] == ["id", "occurred_at"]:
+        log.warning("migrating %s to the key (id, source, occurred_at)", TABLE)
+        statements += [
+            "SET LOCAL statement_timeout = 0",
+            f"ALTER TABLE {TABLE} DROP CONSTRAINT {TABLE}_pkey",
+            f"ALTER TABLE {TABLE} ADD PRIMARY KEY (id, source, occurred_at)",
+        ]
+    conflicts_key = conn.run(_KEY_COLUMNS, table=CONFLICTS)
+    if conflicts_key and conflicts_key[0][0] == ["id", "occurred_at", "incoming_hash"]:
+        log.warning("migrating %s to the key (id, source, occurred_at, incoming_hash)", CONFLICTS)
+        statements += [
+            f"ALTER TABLE {CONFLICTS} ADD COLUMN IF NOT EXISTS source text",
+            # Each conflict kept the whole incoming row, source included.
+            f"UPDATE {CONFLICTS} SET source = incoming->>'source' WHERE source IS NULL",
+            f"ALTER TABLE {CONFLICTS} ALTER COLUMN source SET NOT NULL",
+            f"ALTER TABLE {CONFLICTS} DROP CONSTRAINT {CONFLICTS}_pkey",
+            f"ALTER TABLE {CONFLICTS} ADD PRIMARY KEY (id, source, occurred_at, incoming_hash)",
+        ]
+    return statements
+
 
 # Defined on the parent, so PostgreSQL propagates them to every partition.
 PARENT_INDEXES = {
@@ -116,9 +165,140 @@ PARENT_INDEXES = {
     f"{TABLE}_ingested_at_idx": "(ingested_at)",
 }
 
-# A btree entry must fit in a third of a page (~2.7 kB). Values longer than this
-# would fail the whole batch inside PostgreSQL, so they are refused up front.
-MAX_INDEXED_BYTES = 2000
+# --- what one index entry may hold ---------------------------------------------------
+#
+# A btree entry must fit in a third of a page: with 8 kB pages PostgreSQL (btree version 4,
+# PostgreSQL 12 and later) refuses an index row over 2704 bytes ("index row size N exceeds
+# btree version 4 maximum 2704"). An entry is an 8-byte header (16 when a key column is
+# NULL), then each key value: text with a 1-byte length when it is under 127 bytes, else a
+# 4-byte length aligned to 4; timestamptz aligned to 8; and the whole rounded up to 8.
+# PostgreSQL may compress a long value inside an entry, so real entries are never larger
+# than this reckoning: an event that fits here fits in PostgreSQL. Ingest refuses (4xx,
+# naming the field) every event whose entries would not fit, so the writer never meets one
+# (tests/test_index_limits.py finds the real boundary in PostgreSQL and checks this one).
+BTREE_MAX_ENTRY = 2704
+
+# Each btree index whose entries hold event values: its key columns, in order, with their
+# kinds. A test compares these with the indexes PostgreSQL reports for the schema.
+INDEX_ENTRIES: dict[str, tuple[tuple[str, str], ...]] = {
+    f"{TABLE}_pkey": (("id", "text"), ("source", "text"), ("occurred_at", "timestamptz")),
+    f"{TABLE}_actor_idx": (("actor_id", "text"), ("occurred_at", "timestamptz")),
+    f"{TABLE}_resource_idx": (
+        ("resource_type", "text"), ("resource_id", "text"), ("occurred_at", "timestamptz"),
+    ),
+    f"{TABLE}_type_idx": (("type", "text"), ("occurred_at", "timestamptz")),
+    f"{TABLE}_trace_idx": (("trace_id", "text"),),
+    # A conflicting re-send is recorded under the same key, plus its 32-byte hash.
+    f"{CONFLICTS}_pkey": (
+        ("id", "text"), ("source", "text"), ("occurred_at", "timestamptz"),
+        ("incoming_hash", "sha256"),
+    ),
+}  # fmt: skip
+
+# Where each indexed column comes from in the event, for the emitter's error message.
+EVENT_FIELDS = {
+    "id": "id",
+    "source": "source",
+    "type": "type",
+    "actor_id": "data.actor.id",
+    "resource_type": "data.resource.type",
+    "resource_id": "data.resource.id",
+    "trace_id": "traceparent",
+}
+
+# No value longer than one whole entry can be in the table (the query's filters use it).
+MAX_INDEXED_BYTES = BTREE_MAX_ENTRY
+
+
+def _align(size: int, to: int) -> int:
+    return (size + to - 1) // to * to
+
+
+def index_entry_bytes(layout: tuple[tuple[str, str], ...], sizes: dict[str, int | None]) -> int:
+    """The size of one entry of an index with `layout`, for values of these UTF-8 sizes.
+
+    `sizes[column]` is None for NULL; fixed-width columns need no size.
+    """
+    nulls = any(sizes.get(c) is None for c, kind in layout if kind == "text")
+    size = 16 if nulls else 8
+    for column, kind in layout:
+        if kind == "timestamptz":
+            size = _align(size, 8) + 8
+        elif kind == "sha256":
+            size += 1 + 32  # bytea: a 1-byte length
+        else:
+            n = sizes.get(column)
+            if n is None:
+                continue
+            size = size + 1 + n if n + 1 <= 127 else _align(size, 4) + 4 + n
+    return _align(size, 8)
+
+
+def oversized_indexes(sizes: dict[str, int | None]) -> list[tuple[str, str, int]]:
+    """(index, column, most bytes that column may have) for each entry that would not fit.
+
+    `sizes` maps the indexed text columns to their UTF-8 size (None: NULL). The column named
+    is the longest of the index's values; the bound is for it, the others as they are.
+    """
+    found = []
+    for index, layout in INDEX_ENTRIES.items():
+        if index_entry_bytes(layout, sizes) <= BTREE_MAX_ENTRY:
+            continue
+        texts = [c for c, kind in layout if kind == "text" and sizes.get(c) is not None]
+        longest = max(texts, key=lambda c: sizes[c] or 0)
+        allowed = sizes[longest] or 0
+        while allowed > 0 and index_entry_bytes(layout, {**sizes, longest: allowed}) > (
+            BTREE_MAX_ENTRY
+        ):
+            allowed -= 1
+        found.append((index, longest, allowed))
+    return found
+
+
+def indexed_sizes(event: AuditEvent) -> dict[str, int | None]:
+    """The UTF-8 sizes of an event's indexed values (None: NULL), as its row will hold them."""
+    resource = event.data.resource
+    values = {
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "actor_id": event.data.actor.id,
+        "resource_type": resource.type if resource else None,
+        "resource_id": resource.id if resource else None,
+        "trace_id": event.trace_id,
+    }
+    return {c: None if v is None else _utf8_len(v) for c, v in values.items()}
+
+
+# Below this many characters in all indexed values together, no entry can be too large
+# (4 bytes per character at most): the common case skips the reckoning.
+_SURELY_SMALL = (BTREE_MAX_ENTRY - 64) // 4 // 2
+
+
+def index_problems(event: AuditEvent) -> list[tuple[str, str]]:
+    """(field, message) for each indexed value of the event that PostgreSQL could not index."""
+    resource = event.data.resource
+    chars = len(event.id) + len(event.source) + len(event.type) + len(event.data.actor.id)
+    if resource is not None:
+        chars += len(resource.type) + len(resource.id or "")
+    if chars <= _SURELY_SMALL:
+        return []
+    sizes = indexed_sizes(event)
+    problems = []
+    for index, column, allowed in oversized_indexes(sizes):
+        others = [
+            EVENT_FIELDS[c] for c, kind in INDEX_ENTRIES[index]
+            if kind == "text" and c != column and sizes.get(c)
+        ]  # fmt: skip
+        beside = f" beside {' and '.join(others)}" if others else ""
+        problems.append((
+            EVENT_FIELDS[column],
+            f"{EVENT_FIELDS[column]} is {sizes[column]} bytes (UTF-8); it is indexed, and"
+            f" PostgreSQL holds at most {BTREE_MAX_ENTRY} bytes per index entry, which leaves"
+            f" it at most {allowed} bytes{beside}",
+        ))  # fmt: skip
+    return problems
+
 
 # Seconds DDL may wait for a lock on the parent table. Creating a partition
 # needs a strong lock; queueing behind a long investigator query would stall
@@ -211,17 +391,6 @@ def partition_month(name: str) -> date | None:
 # --------------------------------------------------------------------------- schema
 
 
-def _run_in_transaction(conn: pg8000.native.Connection, statements: Iterable[str]) -> None:
-    conn.run("BEGIN")
-    try:
-        for sql in statements:
-            conn.run(sql)
-        conn.run("COMMIT")
-    except BaseException:
-        _rollback_quietly(conn)
-        raise
-
-
 def _rollback_quietly(conn: pg8000.native.Connection) -> None:
     # The connection may be gone; the original error is what gets reported.
     with contextlib.suppress(DatabaseError, InterfaceError, OSError):
@@ -233,7 +402,8 @@ def ensure_schema(
 ) -> list[str]:
     """Create the partitioned table and its indexes if missing, and the months ahead.
 
-    The table DDL runs in one transaction under an advisory lock: writers that
+    An older table is first brought to the current key (`_migrations`). The
+    table DDL runs in one transaction under an advisory lock: writers that
     start at the same time on an empty database queue up instead of racing on
     the catalog (concurrent CREATE ... IF NOT EXISTS can still fail on a unique
     index). Then the current month and the next `partitions_ahead - 1` get
@@ -241,17 +411,19 @@ def ensure_schema(
     has its headroom before the first hourly maintenance run. Returns the
     partitions this call created.
     """
-    statements = [
-        f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'",
-        f"SELECT pg_advisory_xact_lock({_LOCK_NAMESPACE}, {_SCHEMA_LOCK})",
-        _DDL_TABLE,
-        _DDL_CONFLICTS,
-    ]
-    statements += [
-        f"CREATE INDEX IF NOT EXISTS {name} ON {TABLE} {spec}"
-        for name, spec in PARENT_INDEXES.items()
-    ]
-    _run_in_transaction(conn, statements)
+    conn.run("BEGIN")
+    try:
+        conn.run(f"SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'")
+        conn.run(f"SELECT pg_advisory_xact_lock({_LOCK_NAMESPACE}, {_SCHEMA_LOCK})")
+        # Under the lock: a writer starting beside this one sees the migrated table.
+        for sql in [*_migrations(conn), _DDL_TABLE, _DDL_CONFLICTS]:
+            conn.run(sql)
+        for name, spec in PARENT_INDEXES.items():
+            conn.run(f"CREATE INDEX IF NOT EXISTS {name} ON {TABLE} {spec}")
+        conn.run("COMMIT")
+    except BaseException:
+        _rollback_quietly(conn)
+        raise
     months = months_ahead(now or datetime.now(UTC), partitions_ahead)
     return [partition_name(m) for m in months if ensure_partition(conn, m)]
 
@@ -430,8 +602,9 @@ class Row:
     details: str | None
 
     @property
-    def key(self) -> tuple[str, datetime]:
-        return (self.id, self.occurred_at)
+    def key(self) -> tuple[str, str, datetime]:
+        """(id, source, occurred_at): the table's key, in its order."""
+        return (self.id, self.source, self.occurred_at)
 
     @property
     def month(self) -> date:
@@ -527,7 +700,6 @@ def _details_json(details: dict) -> str:
 
 
 _TEXT_COLUMNS = tuple(c for c in COLUMNS if c not in ("occurred_at", "details"))
-_INDEXED = (("id",), ("actor_id",), ("resource_type", "resource_id"), ("type",))
 
 
 def _check_storable(row: Row, details: dict | None) -> None:
@@ -555,16 +727,15 @@ def _check_storable(row: Row, details: dict | None) -> None:
         everything.encode("utf-8")
     except UnicodeEncodeError:
         raise UnstorableEvent("the event contains an unpaired UTF-16 surrogate") from None
-    by_name = dict(zip(_TEXT_COLUMNS, texts, strict=True))
-    for columns in _INDEXED:
-        if sum(len(by_name[c]) for c in columns) * 4 <= MAX_INDEXED_BYTES:
-            continue  # short enough whatever the characters
-        size = sum(_utf8_len(by_name[c]) for c in columns)
-        if size > MAX_INDEXED_BYTES:
-            raise UnstorableEvent(
-                f"{' + '.join(columns)} is {size} bytes; indexed values are limited to"
-                f" {MAX_INDEXED_BYTES} bytes"
-            )
+    if sum(len(t) for t in texts) <= _SURELY_SMALL:
+        return
+    values = {c: getattr(row, c) for c in EVENT_FIELDS}
+    sizes = {c: None if v is None else _utf8_len(v) for c, v in values.items()}
+    for index, column, allowed in oversized_indexes(sizes):
+        raise UnstorableEvent(
+            f"{EVENT_FIELDS[column]} is {sizes[column]} bytes; the index {index} leaves it at"
+            f" most {allowed} (PostgreSQL holds at most {BTREE_MAX_ENTRY} bytes per entry)"
+        )
 
 
 # --------------------------------------------------------------------------- inserting
@@ -587,8 +758,8 @@ _INSERT = (
     f"INSERT INTO {TABLE} ({', '.join(COLUMNS)})"
     f" SELECT {', '.join(f'{c}::{_CASTS[c]}' if c in _CASTS else c for c in COLUMNS)}"
     f" FROM unnest({', '.join(f':{c}::text[]' for c in COLUMNS)}) AS r({', '.join(COLUMNS)})"
-    " ON CONFLICT (id, occurred_at) DO NOTHING"
-    " RETURNING id, (extract(epoch FROM occurred_at) * 1000000)::bigint"
+    f" ON CONFLICT ({', '.join(KEY)}) DO NOTHING"
+    " RETURNING id, source, (extract(epoch FROM occurred_at) * 1000000)::bigint"
 )
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -618,6 +789,7 @@ class InsertResult:
 @dataclass(frozen=True)
 class Conflict:
     id: str
+    source: str
     occurred_at: str
     stored_hash: str  # hex
     incoming_hash: str  # hex
@@ -633,8 +805,8 @@ def insert_events(
 ) -> InsertResult:
     """Store events (or prepared rows) in one transaction with one statement; return after COMMIT.
 
-    Duplicates (same id and occurred_at, stored before or repeated within the
-    call) are skipped, never an error. Months without a partition get one
+    Duplicates (same id, source and occurred_at, stored before or repeated
+    within the call) are skipped, never an error. Months without a partition get one
     first. Any exception means nothing of this call was committed, except a
     lost connection during COMMIT, where the outcome is unknown: retrying is
     safe because the insert is idempotent.
@@ -642,8 +814,8 @@ def insert_events(
     rows = [e if isinstance(e, Row) else event_to_row(e) for e in events]
     if not rows:
         return InsertResult(0, 0, ())
-    first_seen: dict[tuple[str, int], int] = {}
-    keys = [(row.id, _micros(row.occurred_at)) for row in rows]
+    first_seen: dict[tuple[str, str, int], int] = {}
+    keys = [(row.id, row.source, _micros(row.occurred_at)) for row in rows]
     for i, key in enumerate(keys):
         first_seen.setdefault(key, i)
     # Sorted by key: concurrent transactions then take row locks in one order and cannot
@@ -676,15 +848,17 @@ def insert_events(
 
 
 _N = [f"n_{c}" for c in COLUMNS]
+_NOT_KEY = [c for c in COLUMNS if c not in KEY]
 # Stored rows whose content differs from a re-send with their key. `details` is compared
 # as jsonb, so key order and spacing are not a difference; NULL equals NULL.
 _CONFLICTING = (
     "SELECT r.i, {line} FROM unnest("
     + ", ".join(f":{c}::text[]" for c in COLUMNS)
     + f") WITH ORDINALITY AS r({', '.join(_N)}, i)"
-    f" JOIN {TABLE} e ON e.id = r.n_id AND e.occurred_at = r.n_occurred_at::timestamptz"
-    f" WHERE ({', '.join('e.' + c for c in COLUMNS[2:])}) IS DISTINCT FROM ("
-    + ", ".join(f"r.n_{c}::jsonb" if c == "details" else f"r.n_{c}" for c in COLUMNS[2:])
+    f" JOIN {TABLE} e ON e.id = r.n_id AND e.source = r.n_source"
+    " AND e.occurred_at = r.n_occurred_at::timestamptz"
+    f" WHERE ({', '.join('e.' + c for c in _NOT_KEY)}) IS DISTINCT FROM ("
+    + ", ".join(f"r.n_{c}::jsonb" if c == "details" else f"r.n_{c}" for c in _NOT_KEY)
     + ")"
 )
 
@@ -714,20 +888,23 @@ def _record_conflicts(conn: pg8000.native.Connection, rows: list[Row]) -> tuple[
         incoming_hash = hashlib.sha256(incoming_json.encode()).digest()
         stored_hash = integrity.leaf_hash(stored_line)
         conn.run(
-            f"INSERT INTO {CONFLICTS} (id, occurred_at, incoming_hash, stored_hash, incoming)"
-            " VALUES (:id, :o::timestamptz, :ih, :sh, :inc::jsonb)"
-            " ON CONFLICT (id, occurred_at, incoming_hash) DO UPDATE"
+            f"INSERT INTO {CONFLICTS}"
+            " (id, source, occurred_at, incoming_hash, stored_hash, incoming)"
+            " VALUES (:id, :src, :o::timestamptz, :ih, :sh, :inc::jsonb)"
+            " ON CONFLICT (id, source, occurred_at, incoming_hash) DO UPDATE"
             f" SET count = {CONFLICTS}.count + 1, last_seen = now()",
-            id=row.id, o=row.occurred_at.isoformat(), ih=incoming_hash, sh=stored_hash,
-            inc=incoming_json,
+            id=row.id, src=row.source, o=row.occurred_at.isoformat(), ih=incoming_hash,
+            sh=stored_hash, inc=incoming_json,
         )  # fmt: skip
         recorded.append(
-            Conflict(row.id, row.occurred_at.isoformat(), stored_hash.hex(), incoming_hash.hex())
-        )
+            Conflict(row.id, row.source, row.occurred_at.isoformat(), stored_hash.hex(),
+                     incoming_hash.hex())
+        )  # fmt: skip
         log.warning(
-            "conflicting re-send of event %s (occurred_at %s): its content differs from the "
-            "stored row, which is kept; recorded in %s", row.id, row.occurred_at.isoformat(),
-            CONFLICTS, extra={"id": row.id, "stored_hash": stored_hash.hex()},
+            "conflicting re-send of event %s from %s (occurred_at %s): its content differs "
+            "from the stored row, which is kept; recorded in %s", row.id, row.source,
+            row.occurred_at.isoformat(), CONFLICTS,
+            extra={"id": row.id, "source": row.source, "stored_hash": stored_hash.hex()},
         )  # fmt: skip
     return tuple(recorded)
 
@@ -752,14 +929,16 @@ def _column_arrays(rows: Sequence[Row]) -> dict[str, str]:
     }
 
 
-def _insert_once(conn: pg8000.native.Connection, params: dict[str, str]) -> set[tuple[str, int]]:
+def _insert_once(
+    conn: pg8000.native.Connection, params: dict[str, str]
+) -> set[tuple[str, str, int]]:
     # One statement in autocommit mode is one transaction, and the driver returns only
     # after the server's ReadyForQuery, which follows the commit: one round trip, not three.
     statement = _prepared.get(conn)
     if statement is None:
         statement = _prepared[conn] = conn.prepare(_INSERT)
     returned = statement.run(**params)
-    return {(r[0], r[1]) for r in returned}
+    return {(r[0], r[1], r[2]) for r in returned}
 
 
 # The insert parsed once per connection, by the driver and by the server.

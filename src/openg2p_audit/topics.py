@@ -41,7 +41,7 @@ DIGEST_TOPIC_CONFIG = {"cleanup.policy": "compact", "retention.ms": "-1", "reten
 
 
 def ensure_topics(settings: Settings) -> list[TopicState]:
-    """Create the events, DLQ and digests topics if missing; grow the events topic if too small.
+    """Create the events, both DLQ and the digests topics if missing; grow the events topic.
 
     The digests topic has one partition: the chain is one ordered sequence. New topics get
     KAFKA_REPLICATION_FACTOR copies and KAFKA_MIN_INSYNC_REPLICAS, so that a deployment's
@@ -52,6 +52,7 @@ def ensure_topics(settings: Settings) -> list[TopicState]:
     wanted = {
         settings.kafka_events_topic: settings.kafka_topic_partitions,
         settings.kafka_dlq_topic: 1,
+        settings.kafka_broker_dlq_topic: 1,
         settings.kafka_digests_topic: 1,
     }
     replication_factor = settings.kafka_replication_factor

@@ -45,16 +45,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import store
-from .auth import AuthError, TokenVerifier, bearer_token, refusal
-from .contract import AuditEvent
-from .http_binding import STRUCTURED, binary_attributes, media_type
+from .attestation import EXTENSION as ATTESTATION
+from .attestation import NotAttested, Verifier, is_delivery_metadata
+from .auth import WorkloadGate
+from .contract import AuditEvent, is_cloudevents_media
+from .http_binding import binary_attributes, media_type
 from .observability import configure_logging, metrics_response, prepare_multiprocess_metrics
+from .serving import bound_request_headers
 from .settings import Settings, load_settings
 
 log = logging.getLogger("openg2p_audit.writer")
 
-# What a KafkaSource delivers for a record without `ce_` headers: the record's
-# value (here: a structured CloudEvent from a legacy producer) becomes `data`.
+# What a KafkaSource delivers for a record without `ce_` headers (its value becomes `data`):
+# never an event of ingest's, so never stored.
 WRAPPED_TYPE = "dev.knative.kafka.event"
 
 prepare_multiprocess_metrics()
@@ -132,67 +135,73 @@ def validate_attributes(candidate: dict[str, Any]) -> AuditEvent:
         ) from None
 
 
-def unwrap_structured(data: Any, origin: str | None = None) -> dict[str, Any]:
-    """The structured CloudEvent a legacy producer put into a record without `ce_` headers."""
-    if isinstance(data, bytes | bytearray | str):
-        try:
-            data = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            data = None
-    if not isinstance(data, dict) or "specversion" not in data:
+def event_from_attributes(
+    attrs: dict[str, str], data: bytes | None, verifier: Verifier
+) -> AuditEvent:
+    """The one decoder of the writer, the dead-letter redrive and the replay.
+
+    `attrs` are a binary-mode event's own attributes, decoded (from the delivery's
+    `ce-*` headers, or a record's `ce_*` headers); `data` its body bytes. The event
+    is taken only when ingest's attestation verifies (attestation.py): anything else
+    is a Rejection, for good. Nothing inside `data` is ever read as an envelope: a
+    record that reached the topic without CloudEvents headers, which the KafkaSource
+    delivers wrapped as `dev.knative.kafka.event`, is not one of ingest's events
+    and carries no attestation of its own. Knative's delivery metadata
+    (`knativekafka*`, and a dead letter's `knativeerror*`) and the attestation
+    itself are left out of the event; every other attribute reaches the row.
+    """
+    event_id = attrs.get("id")
+    try:
+        verifier.verify(attrs, data)
+    except NotAttested as exc:
+        wrapped = attrs.get("type") == WRAPPED_TYPE
         raise Rejection(
             422,
-            "not_a_cloudevent",
-            "the Kafka record carries no CloudEvent: it has no ce_ headers and its value is "
-            "not a structured CloudEvent (JSON with specversion, id, source, type, time, data)",
-            record=origin,
-        )
-    return data
+            "not_attested",
+            (
+                "the Kafka record had no CloudEvents headers (the KafkaSource delivered it "
+                "wrapped as dev.knative.kafka.event): it was not produced by ingest"
+                if wrapped
+                else f"not stored: {exc}; only events that passed ingest's checks are stored"
+            ),
+            id=event_id,
+        ) from None
+    candidate: dict[str, Any] = {
+        k: v for k, v in attrs.items() if k != ATTESTATION and not is_delivery_metadata(k)
+    }
+    try:
+        candidate["data"] = json.loads(data) if data else None
+    except (ValueError, UnicodeDecodeError):
+        raise Rejection(
+            400, "data_not_json", "the event's data is not valid JSON", id=event_id
+        ) from None
+    return validate_attributes(candidate)
 
 
 def _not_a_cloudevent(detail: str) -> Rejection:
     return Rejection(
-        400, "not_a_cloudevent", f"the request is not a CloudEvent (binary or structured mode): "
-        f"{detail}",
-    )  # fmt: skip
+        400, "not_a_cloudevent", f"the request is not a binary-mode CloudEvent: {detail}"
+    )
 
 
-def _structured(body: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise _not_a_cloudevent("the structured-mode body is not JSON") from None
-    if not isinstance(doc, dict) or "specversion" not in doc:
-        raise _not_a_cloudevent("the structured-mode body has no specversion")
-    if "data_base64" in doc:
-        raise Rejection(
-            400, "data_not_json", "the event's data is not valid JSON", id=doc.get("id")
-        )
-    return doc
-
-
-def parse_delivery(headers: Any, body: bytes) -> AuditEvent:
+def parse_delivery(headers: Any, body: bytes, verifier: Verifier) -> AuditEvent:
     """Parse and validate one delivery; raises Rejection for anything that cannot be stored.
 
-    Every attribute that arrives is kept, so extensions reach the row; a
-    `time` is never filled in (see `validate_attributes`).
+    Only binary mode is read, as a KafkaSource delivers the events topic's records
+    (ingest writes nothing else): a structured-mode body is never parsed as an event.
+    Every attribute that arrives is kept, so extensions reach the row; a `time` is
+    never filled in (see `validate_attributes`).
     """
     items = [(k.lower(), v) for k, v in headers.items()]
     content_type = next((v for k, v in items if k == "content-type"), None)
-    if media_type(content_type) == STRUCTURED:
-        return validate_attributes(_structured(body))
+    if is_cloudevents_media(content_type or ""):
+        raise _not_a_cloudevent(
+            f"Content-Type {media_type(content_type)} is a structured or batched CloudEvent; "
+            "the writer takes the binary-mode deliveries of its KafkaSource only"
+        )
     if not any(k == "ce-specversion" for k, _ in items):
-        raise _not_a_cloudevent(f"no ce-specversion header and Content-Type is not {STRUCTURED}")
-    attrs: dict[str, Any] = binary_attributes(items, content_type)
-    if attrs.get("type") == WRAPPED_TYPE:
-        return validate_attributes(unwrap_structured(body, attrs.get("id")))
-    try:
-        attrs["data"] = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        raise Rejection(
-            400, "data_not_json", "the event's data is not valid JSON", id=attrs.get("id")
-        ) from None
-    return validate_attributes(attrs)
+        raise _not_a_cloudevent("no ce-specversion header")
+    return event_from_attributes(binary_attributes(items, content_type), body, verifier)
 
 
 # --------------------------------------------------------------------------- group commit
@@ -414,51 +423,53 @@ def committer() -> GroupCommitter:
     return _committer
 
 
-_gate: tuple[TokenVerifier | None] | None = None
+_gate: tuple[WorkloadGate | None, Verifier] | None = None
 
 
 def startup() -> None:
-    """Check the delivery-token settings when the server starts (functions/writer/main.py).
+    """Check the delivery settings when the server starts (functions/writer/main.py).
 
-    A writer that boots without a usable issuer would answer every delivery 401
-    and send the whole stream to the dead-letter topic; it must not boot.
+    A writer that boots without a usable issuer, without its KafkaSource's identity or
+    without the attestation keys would refuse every delivery and send the whole stream
+    to the dead-letter topic; it must not boot.
     """
-    delivery_verifier()
+    bound_request_headers(load_settings())
+    gate()
 
 
-def delivery_verifier() -> TokenVerifier | None:
-    """The check of the KafkaSource's OIDC tokens (audience WRITER_AUTH_AUDIENCE), or None
-    when WRITER_AUTH=disabled."""
+def gate() -> tuple[WorkloadGate | None, Verifier]:
+    """Who may deliver (the KafkaSource's OIDC identity; None when WRITER_AUTH=disabled),
+    and the check of ingest's attestation, which nothing turns off."""
     global _gate
     if _gate is None:
         settings = load_settings()
+        origin = Verifier.from_settings(settings)
         if settings.writer_auth == "required":
-            _gate = (TokenVerifier.for_settings(settings, settings.writer_auth_audience),)
+            _gate = (WorkloadGate(
+                settings, prefix="WRITER_AUTH", issuer=settings.writer_auth_issuer,
+                audience=settings.writer_auth_audience, subjects=settings.writer_auth_subjects,
+            ), origin)  # fmt: skip
         else:
             configure_logging()
             log.warning(
-                "WRITER_AUTH=disabled: the writer stores whatever is POSTed to it, "
-                "not only its KafkaSource's deliveries; never run a deployment like this"
+                "WRITER_AUTH=disabled: the writer takes deliveries from anyone, not only its "
+                "KafkaSource (it still stores only events ingest attested); never run a "
+                "deployment like this"
             )
-            _gate = (None,)
-    return _gate[0]
+            _gate = (None, origin)
+    return _gate
 
 
 async def _refused_delivery(request: Request) -> Response | None:
-    """None when the delivery carries a token minted for this writer; else the 401."""
-    verifier = delivery_verifier()
-    if verifier is None:
+    """None when the delivery comes from the KafkaSource; else the 401 or 403."""
+    workloads = gate()[0]
+    if workloads is None:
         return None
-    token = bearer_token(request.headers.get("authorization"))
-    if token is not None and verifier.cached(token) is not None:
-        return None
-    try:
-        await asyncio.to_thread(verifier.authorize, token)
-    except AuthError as exc:
-        REJECTIONS.labels("unauthorized" if exc.status == 401 else "auth_unavailable").inc()
-        log.warning("refused a delivery: %s", exc.reason, extra={"status": exc.status})
-        return refusal(exc)
-    return None
+    refused = await workloads.refusal(request)
+    if refused is not None:
+        REJECTIONS.labels({401: "unauthorized", 403: "forbidden"}.get(
+            refused.status_code, "auth_unavailable")).inc()  # fmt: skip
+    return refused
 
 
 def _json(status: int, body: dict[str, Any], **headers: str) -> Response:
@@ -510,7 +521,7 @@ async def write(request: Request) -> Response:
         return not_ready
     body = await request.body()
     try:
-        event = parse_delivery(request.headers, body)
+        event = parse_delivery(request.headers, body, gate()[1])
         row = store.event_to_row(event)
     except Rejection as rej:
         REJECTIONS.labels(rej.reason).inc()

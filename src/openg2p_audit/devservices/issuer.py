@@ -111,6 +111,14 @@ class LocalIssuer:
              lifetime: int = 3600, **extra: Any) -> str:  # fmt: skip
         return self.sign(self.claims(subject, roles, lifetime, **extra))
 
+    def verify(self, token: str, audience: str) -> dict[str, Any]:
+        """The claims of a token this issuer signed for `audience`; jwt.InvalidTokenError
+        otherwise (the local runner's Broker and KafkaSink ingress check tokens with it)."""
+        return jwt.decode(
+            token, self.key.public_key(), algorithms=["RS256"], audience=audience,
+            issuer=self.url, options={"require": ["exp", "iss", "aud", "sub"]},
+        )  # fmt: skip
+
     # -- serving the JWKS on its own (tests); dev up serves it from the runner -----
 
     def serve(self) -> LocalIssuer:

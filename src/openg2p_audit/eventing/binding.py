@@ -1,11 +1,19 @@
 """CloudEvents as the Knative data plane moves them: attributes plus opaque data bytes.
 
-The runner is a transport. An event must reach the function exactly as the
-emitter wrote it: same attributes, same data bytes, nothing invented. The
-CloudEvents SDK's HTTP reader adds a `time` attribute when the sender set
-none and re-serialises structured data, so the HTTP and Kafka bindings are
-done here, by the letter of the CloudEvents 1.0 HTTP and Kafka protocol
-bindings (header names, percent-encoding, structured JSON, `data_base64`).
+The runner is a transport. An event must reach the function as Knative's Kafka
+data plane would deliver it: same attributes, same data bytes, nothing invented.
+The CloudEvents Python SDK's HTTP reader adds a `time` attribute when the sender
+set none and re-serialises structured data, so the bindings are done here, as
+knative-extensions/eventing-kafka-broker's receiver and dispatcher do them with
+cloudevents/sdk-java 4.0.1 on Vert.x:
+
+- header values are copied, never percent-encoded or decoded: the Vert.x reader
+  and writer of sdk-java pass them through (the HTTP binding's 3.1.3.2 says they
+  should be encoded; the Java SDK does not), and Vert.x writes each character as
+  one byte, Latin-1, `?` for a character beyond it (Netty's AsciiString.c2b);
+  it refuses to send a control character at all (HttpUtils.validateHeaderValue);
+- a structured body's JSON is read as a structured event (EventFormatProvider
+  picks the format from the content type), binary otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote
 
 from ..kafka_binding import attribute_text
 
@@ -74,23 +81,35 @@ def _validate(attrs: Mapping[str, Any]) -> None:
 
 # --- HTTP ------------------------------------------------------------------
 
-# HTTP binding 3.1.3.2: percent-encode space, double quote, percent and anything
-# outside printable ASCII; everything else stays as is.
-_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+
+class Unsendable(ValueError):
+    """Vert.x would refuse to write the request (a header value with a control character)."""
 
 
-def encode_header_value(value: str) -> str:
-    return quote(value, safe=_HEADER_SAFE)
+def wire_header_value(value: str) -> str:
+    """A header value as Knative's Vert.x dispatcher puts it on the wire: each character one
+    byte (Latin-1), `?` for one beyond Latin-1. Returned as the text whose UTF-8 the HTTP
+    client sends, so that the receiver reads the same bytes; Unsendable for what Vert.x
+    refuses."""
+    if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in value):
+        raise Unsendable(f"header value {value[:40]!r} holds a control character")
+    if value.isascii():
+        return value
+    latin1 = "".join(c if ord(c) <= 0xFF else "?" for c in value)
+    try:
+        return latin1.encode("latin-1").decode("utf-8")  # these bytes, exactly
+    except UnicodeDecodeError:
+        return latin1  # read back by any receiver as the same characters
 
 
 def to_http_binary(event: Event) -> tuple[dict[str, str], bytes]:
-    """Headers and body of a binary-mode HTTP request."""
+    """Headers and body of a binary-mode HTTP request; Unsendable when Vert.x would refuse."""
     headers: dict[str, str] = {}
     for name, value in event.attributes.items():
         if name == "datacontenttype":
-            headers["Content-Type"] = value
+            headers["Content-Type"] = wire_header_value(value)
         else:
-            headers[f"ce-{name}"] = encode_header_value(value)
+            headers[f"ce-{name}"] = wire_header_value(value)
     return headers, event.data or b""
 
 
@@ -149,7 +168,7 @@ def from_http(headers: Mapping[str, str], body: bytes) -> Event:
             "expected a CloudEvent: ce-specversion header (binary mode) or "
             f"Content-Type {STRUCTURED} (structured mode)"
         )
-    attrs = {k[3:]: unquote(v) for k, v in lower.items() if k.startswith("ce-")}
+    attrs = {k[3:]: v for k, v in lower.items() if k.startswith("ce-")}
     if content_type:
         attrs["datacontenttype"] = content_type
     _validate(attrs)

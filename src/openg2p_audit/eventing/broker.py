@@ -22,6 +22,7 @@ from typing import Any
 from .binding import Event, from_kafka
 from .delivery import Egress
 from .dispatcher import KafkaDispatcher
+from .kafkasource import with_kafka_metadata
 from .manifests import Broker, Delivery, ManifestError, Trigger
 
 Filter = Callable[[Event], bool]
@@ -119,7 +120,9 @@ def trigger_dispatcher(
         group=trigger_group(trigger),
         topics=[broker_topic(broker)],
         egress=egress,
-        mapper=lambda record: from_kafka(record.headers or [], record.value),
+        mapper=lambda record: with_kafka_metadata(
+            from_kafka(record.headers or [], record.value), record
+        ),
         ordered=trigger.ordering == "ordered",
         initial_offset="latest",
         event_filter=trigger_filter(trigger),

@@ -3,7 +3,14 @@
 Mirrors knative-extensions/eventing-kafka-broker's `WebClientCloudEventSender`
 and `RecordDispatcherImpl`:
 
-- binary-mode HTTP POST with `Prefer: reply` and `Kn-Namespace`;
+- binary-mode HTTP POST with `Prefer: reply` and `Kn-Namespace`, header values
+  as Vert.x writes them (binding.py);
+- with Knative's OIDC feature, a token of the source's OIDC service account for
+  the destination's audience, and for the dead-letter sink's audience (the
+  KafkaSink's own) on dead letters; with the feature off but an audience named,
+  the dispatcher cannot get a token and fails before sending
+  (OIDCTokenRequestException): not retried, dead-lettered with
+  `knativeerrordest` and no code;
 - an answer >= 300 is a failure; 5xx, 404, 408, 409 and 429 (and no answer
   at all: refused connection, timeout) are retried up to `delivery.retry`
   times, waiting `backoff(n)` before retry n; any other failure is final;
@@ -33,7 +40,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .binding import Event, to_http_binary, to_http_structured
+from .binding import Event, Unsendable, to_http_binary, to_http_structured
 from .manifests import Delivery
 
 log = logging.getLogger(__name__)
@@ -106,7 +113,10 @@ async def post(
     session: aiohttp.ClientSession, url: str, event: Event, *, namespace: str, structured: bool,
     token: str | None = None,
 ) -> Response:  # fmt: skip
-    headers, body = to_http_structured(event) if structured else to_http_binary(event)
+    try:
+        headers, body = to_http_structured(event) if structured else to_http_binary(event)
+    except Unsendable as exc:  # Vert.x fails the request before it is sent
+        return Response(None, error=f"IllegalArgumentException: {exc}")
     headers["Prefer"] = "reply"
     headers["Kn-Namespace"] = namespace
     if token is not None:
@@ -160,6 +170,9 @@ class Egress:
     dead_letter_token: Callable[[], str] | None = None
     # Which answers are worth another attempt: the Kafka dispatcher's rule by default.
     retryable: Callable[[int], bool] = is_retryable
+    # The destination names an audience but the OIDC feature is off: WebClientCloudEventSender
+    # fails each delivery with OIDCTokenRequestException before sending (not retried).
+    no_oidc_service_account: bool = False
     stopping: threading.Event = field(default_factory=threading.Event)
     _log_second: int = field(default=0, repr=False)
     _log_count: int = field(default=0, repr=False)
@@ -181,6 +194,12 @@ class Egress:
         structured = self.delivery.format == "structured"
         mint = self.token if url == self.destination else self.dead_letter_token
         retry = 0
+        if url == self.destination and self.no_oidc_service_account:
+            outcome.attempts += 1
+            return Response(
+                None, error="OIDCTokenRequestException: can't request an OIDC token, as target "
+                "has an audience set, but no OIDC service account set in client yet",
+            )  # fmt: skip
         while True:
             token = mint() if mint is not None else None
             resp = await post(

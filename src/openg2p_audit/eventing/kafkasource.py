@@ -13,6 +13,10 @@ blocking its partition:
 - time: the record timestamp; datacontenttype: its `content-type` header
 - extensions `key` and `partitionkey`: the record key (per the key-type label)
 - one `kafkaheader<name>` extension per other header (name lower-cased, only a-z0-9)
+
+Every event the dispatcher sends (wrapped or not) then gets the extensions
+`knativekafkapartition` and `knativekafkaoffset`, where its record was, and the
+source's `ceOverrides` last (CloudEventOverridesMutator, since knative-v1.13).
 """
 
 from __future__ import annotations
@@ -74,11 +78,20 @@ def wrap_record(record: Any, source: KafkaSource) -> Event:
     return Event(attrs, record.value)
 
 
+def with_kafka_metadata(event: Event, record: Any) -> Event:
+    """The record's partition and offset as extensions, as Knative's Kafka dispatcher adds them
+    to every delivery (of a KafkaSource or a Kafka Broker's Trigger)."""
+    return event.with_extensions(
+        {"knativekafkapartition": str(record.partition), "knativekafkaoffset": str(record.offset)}
+    )
+
+
 def record_to_event(record: Any, source: KafkaSource) -> Event:
     try:
         event = from_kafka(record.headers or [], record.value)
     except NotACloudEvent:
         event = wrap_record(record, source)
+    event = with_kafka_metadata(event, record)
     if source.ce_overrides:
         event = event.with_extensions(source.ce_overrides)
     return event

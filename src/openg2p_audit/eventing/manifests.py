@@ -195,6 +195,22 @@ class Broker(Resource):
 
 
 @dataclass
+class EventPolicy(Resource):
+    """Who may send to a Broker or KafkaSink (eventing.knative.dev/v1alpha1), and what.
+
+    `to` empty means every such resource of the namespace. `subjects` are OIDC `sub`s
+    (a trailing `*` matches any suffix); `senders` are references to Knative resources,
+    whose OIDC identities they stand for; `filters` are SubscriptionsAPI filters the
+    event must pass.
+    """
+
+    to: list[Ref] = field(default_factory=list)
+    subjects: list[str] = field(default_factory=list)
+    senders: list[Ref] = field(default_factory=list)
+    filters: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class Trigger(Resource):
     broker: str = ""
     subscriber: Destination = field(default_factory=Destination)
@@ -331,6 +347,26 @@ SUPPORT: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ),
     ),
 }
+
+SUPPORT["EventPolicy"] = (
+    (
+        "spec.to[].ref.apiVersion",
+        "spec.to[].ref.kind",
+        "spec.to[].ref.name",
+        "spec.from[].ref.apiVersion",
+        "spec.from[].ref.kind",
+        "spec.from[].ref.name",
+        "spec.from[].ref.namespace",
+        "spec.from[].sub",
+        "spec.filters[].exact",
+        "spec.filters[].prefix",
+        "spec.filters[].suffix",
+        "spec.filters[].all",
+        "spec.filters[].any",
+        "spec.filters[].not",
+    ),
+    (),
+)
 
 KUSTOMIZATION_HONOURED = ("apiVersion", "kind", "resources", "namespace")
 KUSTOMIZATION_DEPLOYMENT = ("labels", "commonLabels", "commonAnnotations", "images", "metadata")
@@ -563,6 +599,27 @@ def _build(kind: str, base: dict[str, Any], doc: dict[str, Any]) -> Resource:
         res_b = Broker(**base, delivery=_delivery(spec.get("delivery"), f"{where}.delivery"))
         res_b.broker_class = res_b.annotations.get(BROKER_CLASS_ANNOTATION, "MTChannelBasedBroker")
         return res_b
+    if kind == "EventPolicy":
+        to = []
+        for entry in spec.get("to") or []:
+            ref = entry.get("ref")
+            if ref:
+                to.append(Ref(str(ref["kind"]), str(ref["name"]), str(ref.get("apiVersion", ""))))
+        subjects, senders = [], []
+        for entry in spec.get("from") or []:
+            if entry.get("sub"):
+                subjects.append(str(entry["sub"]))
+            elif entry.get("ref"):
+                r = entry["ref"]
+                senders.append(Ref(str(r["kind"]), str(r["name"]), str(r.get("apiVersion", "")),
+                                   r.get("namespace")))  # fmt: skip
+        return EventPolicy(
+            **base,
+            to=to,
+            subjects=subjects,
+            senders=senders,
+            filters=list(spec.get("filters") or []),
+        )
     if kind == "Trigger":
         broker = spec.get("broker") or (spec.get("brokerRef") or {}).get("name")
         if not broker:

@@ -15,9 +15,13 @@ The runner's own HTTP endpoint (`Runner.url`) serves:
 - `GET /status`: URLs, ports and delivery counters, as JSON;
 - `GET /healthz`;
 - `GET /issuer/...`: the local token issuer's JWKS. Every Service trusts that
-  issuer in place of the cluster's, and a KafkaSource or Trigger whose sink
-  names an OIDC `audience` delivers with a token minted here for it, as Knative
-  Eventing does with its `authentication-oidc` feature on.
+  issuer in place of the cluster's, and a KafkaSource, Trigger or PingSource whose
+  sink names an OIDC `audience` delivers with a token minted here for it, as Knative
+  Eventing does with its `authentication-oidc` feature on (`oidc=True`, the
+  default); dead letters go with a token for the dead-letter sink's audience, and
+  the Broker and KafkaSink ingress check tokens and EventPolicies (ingress.py).
+  `oidc=False` is the feature off: nothing is checked, and a source whose sink names
+  an audience fails every delivery before sending, as Knative's dispatcher does.
 
 Everything here talks to 127.0.0.1 only.
 """
@@ -41,12 +45,13 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 from kafka import KafkaAdminClient
 
 from ..integrity import generate_pem
-from ..knative_identity import audience, oidc_subject
+from ..knative_identity import ingress_audience, oidc_subject
 from ..query import cursor_secret_problem
 from ..settings import Settings
 from .broker import broker_topic, trigger_dispatcher, trigger_filter
-from .delivery import Egress, Outcome
+from .delivery import Outcome
 from .dispatcher import MAX_POLL_RECORDS, KafkaDispatcher
+from .ingress import IngressAuth
 from .kafkasink import TopicWriter, ensure_topic
 from .kafkasource import kafka_source_dispatcher
 from .manifests import (
@@ -58,6 +63,7 @@ from .manifests import (
     ManifestError,
     Manifests,
     PingSource,
+    Resource,
     Trigger,
     load,
 )
@@ -96,6 +102,8 @@ class Runner:
         max_poll_records: int = MAX_POLL_RECORDS,
         issuer: LocalIssuer | None = None,
         service_env: dict[str, dict[str, str]] | None = None,
+        oidc: bool = True,
+        secrets: dict[str, dict[str, str]] | None = None,
     ):
         self.manifests: Manifests = load(manifest_dir)
         self.settings = settings
@@ -115,8 +123,13 @@ class Runner:
 
             issuer = LocalIssuer(audience=settings.auth_audience)
         self.issuer: LocalIssuer = issuer
+        # Knative Eventing's `authentication-oidc` feature, cluster-wide.
+        self.oidc = oidc
+        self.ingress_auth = IngressAuth(self.manifests, issuer, oidc=oidc)
         # Per-Service env applied last (dev up: the query service's read-only role).
         self._service_env = {k: dict(v) for k, v in (service_env or {}).items()}
+        # Values for Secrets made out of band in a cluster (else generated: _stand_in_secret).
+        self._secrets = {k: dict(v) for k, v in (secrets or {}).items()}
         self._port = port
         self.services: dict[str, ServiceProcess] = {}
         self.sinks: dict[str, TopicWriter] = {}
@@ -148,6 +161,27 @@ class Runner:
         sink = self.manifests.get("KafkaSink", name)
         return f"{self.url}/{sink.namespace}/{sink.name}"
 
+    def audience_of(self, dest: Destination) -> str | None:
+        """The OIDC audience a delivery to `dest` is for: the Destination's own `audience`, else
+        a Broker's or KafkaSink's (published in its address only with the feature on)."""
+        if dest.audience is not None:
+            return dest.audience
+        if self.oidc and dest.ref is not None and dest.ref.kind in ("KafkaSink", "Broker"):
+            res = self.manifests.get(dest.ref.kind, dest.ref.name)
+            return ingress_audience(res.namespace, res.kind, res.name)
+        return None
+
+    def _sign_deliveries(self, egress, destination: Destination, dead_letter: Destination | None,
+                         namespace: str, kind: str, name: str) -> None:  # fmt: skip
+        """Tokens on a source's deliveries, as Knative's dispatcher sends them."""
+        audience = self.audience_of(destination)
+        egress.token = self.oidc_token(audience, namespace, kind, name)
+        egress.no_oidc_service_account = audience is not None and not self.oidc
+        if dead_letter is not None:
+            egress.dead_letter_token = self.oidc_token(
+                self.audience_of(dead_letter), namespace, kind, name
+            )
+
     def resolve(self, dest: Destination, where: str) -> str:
         """A Destination as a local URL."""
         if dest.ref is None:
@@ -174,13 +208,16 @@ class Runner:
             self._start_server()
             self.issuer.url = f"{self.url}/issuer"
             for svc in self.manifests.of(KService):
-                env = container_env(svc, self.manifests)
+                env = container_env(svc, self.manifests, self._stand_in_secret)
                 env["KAFKA_BOOTSTRAP_SERVERS"] = self.settings.kafka_bootstrap_servers or ""
                 if self.settings.database_configured:
                     env["DATABASE_URL"] = self._database_url()
                 env["AUTH_ISSUER"] = self.issuer.url
                 env["AUTH_JWKS_URL"] = self.issuer.jwks_url
                 env["AUTH_TRUSTED_ISSUERS"] = ""  # the local issuer stands in for all
+                # ... the cluster's service-account issuer too, whose tokens name the sources
+                env["WRITER_AUTH_ISSUER"] = self.issuer.url
+                env["MAINTENANCE_AUTH_ISSUER"] = self.issuer.url
                 self._stand_in_signing_key(svc.name, env)
                 self._stand_in_cursor_secret(svc.name, env)
                 env.update(self._service_env.get(svc.name, {}))
@@ -206,11 +243,13 @@ class Runner:
             self._start_triggers(bootstrap)
             self._start_sources(bootstrap)
             for ping in self.manifests.of(PingSource):
-                token = self.oidc_token(
-                    self.audience_of(ping.sink, ping.namespace), ping.namespace, "pingsource",
-                    ping.name,
-                )  # fmt: skip
-                sched = PingScheduler(ping, self.resolve(ping.sink, f"{ping.key} sink"), token)
+                sched = PingScheduler(ping, self.resolve(ping.sink, f"{ping.key} sink"))
+                self._sign_deliveries(sched.egress, ping.sink, None, ping.namespace,
+                                      "pingsource", ping.name)  # fmt: skip
+                if sched.egress.no_oidc_service_account:
+                    # The ping adapter sends without a token when it has none (knative/eventing
+                    # pkg/adapter/v2 cloudevents.go); only the Kafka dispatcher fails instead.
+                    sched.egress.no_oidc_service_account = False
                 self.pings[ping.name] = sched.start() if self.schedule_pings else sched
         except BaseException:
             self.stop()
@@ -236,6 +275,22 @@ class Runner:
                 log.warning("%s: topic(s) %s do not exist yet; nothing to consume until they do",
                             source.key, ", ".join(missing))  # fmt: skip
             self.start_source(source.name)
+
+    def _stand_in_secret(self, secret: str, key: str) -> str:
+        """A Secret created out of band in a cluster (not in the manifests, such as
+        audit-attestation) is stood in with a random value, generated once in the work folder
+        and shared by every Service that reads it (development and tests only)."""
+        given = self._secrets.get(secret, {}).get(key)
+        if given is not None:
+            return given
+        path = self.workdir / "secrets" / secret / key
+        if not path.exists():
+            import secrets as random
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(random.token_hex(32))
+            path.chmod(0o600)
+        return path.read_text()
 
     def _stand_in_signing_key(self, service: str, env: dict[str, str]) -> None:
         """A deployment mounts the Secret audit-signing-key; here a key generated once in the
@@ -284,8 +339,8 @@ class Runner:
             commit_interval=self.commit_interval,
             max_poll_records=self.max_poll_records,
         )
-        self._give_tokens(dispatcher.egress, source.sink, dls, source.namespace, "kafkasource",
-                          name)  # fmt: skip
+        self._sign_deliveries(dispatcher.egress, source.sink, dls, source.namespace,
+                              "kafkasource", name)  # fmt: skip
         self.sources[name] = dispatcher.start()
         log.info("%s: %s %s -> %s (group %s, %s, retry %d, backoff %s %.3fs)",
                  source.key, ",".join(source.topics), "ordered" if dispatcher.ordered
@@ -319,31 +374,9 @@ class Runner:
                 on_dead_letter_failure=self.on_dead_letter_failure,
                 commit_interval=self.commit_interval,
             )  # fmt: skip
-            self._give_tokens(dispatcher.egress, trigger.subscriber, dls, trigger.namespace,
-                              "trigger", trigger.name)  # fmt: skip
+            self._sign_deliveries(dispatcher.egress, trigger.subscriber, dls, trigger.namespace,
+                                  "trigger", trigger.name)  # fmt: skip
             self.triggers[trigger.name] = dispatcher.start()
-
-    def audience_of(self, dest: Destination | None, namespace: str) -> str | None:
-        """The audience a delivery to `dest` carries a token for: the manifest's, else the
-        one Knative derives for a Broker or KafkaSink (knative/pkg resolver/
-        addressable_resolver.go: the destination's audience wins over the addressable's).
-        None for a Knative Service without one: no token is sent."""
-        if dest is None:
-            return None
-        if dest.audience is not None:
-            return dest.audience
-        if dest.ref is None:
-            return None
-        return audience(dest.ref.namespace or namespace, dest.ref.kind, dest.ref.name)
-
-    def _give_tokens(
-        self, egress: Egress, dest: Destination, dls: Destination | None, namespace: str,
-        kind: str, name: str,
-    ) -> None:  # fmt: skip
-        egress.token = self.oidc_token(self.audience_of(dest, namespace), namespace, kind, name)
-        egress.dead_letter_token = self.oidc_token(
-            self.audience_of(dls, namespace), namespace, kind, name
-        )
 
     def oidc_token(
         self, audience: str | None, namespace: str, kind: str, name: str
@@ -354,7 +387,7 @@ class Runner:
         A token lives TOKEN_LIFETIME and is reused until TOKEN_RENEW_BEFORE its expiry, as
         Knative caches its tokens; the writer then pays its check once, not per delivery.
         """
-        if audience is None:
+        if audience is None or not self.oidc:
             return None
         issuer = self.issuer
         subject = oidc_subject(namespace, kind, name)
@@ -499,9 +532,14 @@ class Runner:
                         )  # fmt: skip
                         return self._json(200, [asdict(o) for o in outcomes])
                     if len(segs) == 2:
-                        writer = runner._ingress(segs[0], segs[1])
-                        if writer is not None:
-                            status, out = writer.handle_http(dict(self.headers.items()), body)
+                        found = runner._ingress(segs[0], segs[1])
+                        if found is not None:
+                            resource, writer = found
+                            headers = dict(self.headers.items())
+                            refused = runner.ingress_auth.refusal(resource, headers, body)
+                            if refused is not None:
+                                return self._answer(refused)
+                            status, out = writer.handle_http(headers, body)
                             return self._answer(status, out)
                     self._json(404, {"error": f"no Broker, KafkaSink or action at {parts.path}"})
                 except (KeyError, ValueError) as exc:
@@ -514,9 +552,14 @@ class Runner:
         )
         self._server_thread.start()
 
-    def _ingress(self, namespace: str, name: str) -> TopicWriter | None:
+    def _ingress(self, namespace: str, name: str) -> tuple[Resource, TopicWriter] | None:
         for kind, writers in (("Broker", self.brokers), ("KafkaSink", self.sinks)):
             res = self.manifests.find(kind, name)
             if res is not None and res.namespace == namespace and name in writers:
-                return writers[name]
+                return res, writers[name]
         return None
+
+    def ingress_audience(self, kind: str, name: str) -> str:
+        """The audience a token for this Broker's or KafkaSink's ingress must carry."""
+        res = self.manifests.get(kind, name)
+        return ingress_audience(res.namespace, res.kind, res.name)

@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import urllib3
@@ -41,7 +41,8 @@ class ServiceError(RuntimeError):
 # services') are used.
 LOCAL_INFRASTRUCTURE = frozenset(
     {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "DB_HOST", "DB_PORT", "DB_NAME", "DB_USER",
-     "DB_PASSWORD", "AUTH_ISSUER", "AUTH_JWKS_URL", "AUTH_TRUSTED_ISSUERS"}
+     "DB_PASSWORD", "AUTH_ISSUER", "AUTH_JWKS_URL", "AUTH_TRUSTED_ISSUERS", "WRITER_AUTH_ISSUER",
+     "MAINTENANCE_AUTH_ISSUER"}
 )  # fmt: skip
 
 
@@ -60,7 +61,8 @@ def manifest_settings(manifests: Manifests, names: Iterable[str]) -> dict[str, d
             found.setdefault(name, {}).setdefault(value, []).append(where)
 
     for svc in manifests.of(KService):
-        for name, value in container_env(svc, manifests).items():
+        # Secrets made out of band are no setting the manifests state: left out.
+        for name, value in container_env(svc, manifests, lambda _s, _k: None).items():
             add(name, value, svc.key)
     for source in manifests.of(KafkaSource):
         for topic in source.topics:
@@ -91,8 +93,17 @@ def environment_conflicts(
     return lines
 
 
-def container_env(service: KService, manifests: Manifests) -> dict[str, str]:
-    """The container's environment as Kubernetes would assemble it (envFrom first, then env)."""
+def container_env(
+    service: KService,
+    manifests: Manifests,
+    stand_in: Callable[[str, str], str | None] | None = None,
+) -> dict[str, str]:
+    """The container's environment as Kubernetes would assemble it (envFrom first, then env).
+
+    A `secretKeyRef` to a Secret the manifests do not hold (one created out of band in a
+    cluster) takes `stand_in(secret, key)` (None: the variable is left out); without a
+    stand-in it is an error.
+    """
 
     def source(kind: str, name: str, optional: bool) -> dict[str, str]:
         res = manifests.find(kind, name)
@@ -114,6 +125,11 @@ def container_env(service: KService, manifests: Manifests) -> dict[str, str]:
         kind, (name, key) = (
             ("ConfigMap", var.config_map_key) if var.config_map_key else ("Secret", var.secret_key)
         )
+        if kind == "Secret" and stand_in is not None and manifests.find(kind, name) is None:
+            value = stand_in(name, key)
+            if value is not None:
+                env[var.name] = value
+            continue
         data = source(kind, name, var.optional)
         if key in data:
             env[var.name] = data[key]
