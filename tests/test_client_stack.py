@@ -28,7 +28,7 @@ from client_support import EMITTER, REGISTRY, SECRET, TokenEndpoint
 from openg2p_audit.devservices._process import free_port
 from openg2p_audit.topics import ensure_topics
 from openg2p_audit_client import AuditClient, ClientCredentials, TokenFile
-from pipeline_support import BROKER, INGEST, start_pipeline, stored_ids, wait_stored
+from pipeline_support import BROKER, INGEST, broker_sender, start_pipeline, stored_ids, wait_stored
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -266,10 +266,12 @@ def test_the_cli_gets_its_token_by_client_credentials(settings, ingest_url, endp
 
 
 def test_single_mode_through_the_broker_path(pipeline, settings, tmp_path):
-    # A Broker's ingress takes one event per request; the Trigger delivers it to ingest
+    # A Broker's ingress takes one event per request and, with OIDC on, a token for its own
+    # audience from a sender its EventPolicies name; the Trigger delivers the event to ingest
     # with its own OIDC identity, so the emitter needs no token of ingest's here.
     prefix = f"broker-{uuid.uuid4().hex[:8]}"
-    with AuditClient(pipeline.broker_url(BROKER), None, tmp_path / "q.db", batch=False) as client:
+    token = broker_sender(pipeline)["Authorization"].removeprefix("Bearer ")
+    with AuditClient(pipeline.broker_url(BROKER), token, tmp_path / "q.db", batch=False) as client:
         ids = [client.emit(**viewed(n, prefix)) for n in range(3)]
         assert client.flush(30)
     exactly_once(settings, ids)

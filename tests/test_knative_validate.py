@@ -329,9 +329,14 @@ def test_a_manifest_naming_an_identity_knative_would_not_give_fails_loudly(tmp_p
     right = IDENTITIES[("Trigger", "audit-to-ingest")]
     assert right in text
     text = text.replace(right, WRONG_TRIGGER)
-    text += (
-        f"  WRITER_AUTH_SUBJECTS: {IDENTITIES[('PingSource', 'audit-maintenance-hourly')]}\n"
-        f"  MAINTENANCE_AUTH_SUBJECTS: {IDENTITIES[('PingSource', 'audit-maintenance-hourly')]}\n"
+    # The writer told to take the PingSource's identity (maintenance keeps its own).
+    writer_line = (
+        f"  WRITER_AUTH_SUBJECTS: {IDENTITIES[('KafkaSource', 'audit-events-to-writer')]}\n"
+    )
+    assert writer_line in text
+    text = text.replace(
+        writer_line,
+        f"  WRITER_AUTH_SUBJECTS: {IDENTITIES[('PingSource', 'audit-maintenance-hourly')]}\n",
     )
     configmap.write_text(text)
     kafkasource = {"apiVersion": "sources.knative.dev/v1", "kind": "KafkaSource",
@@ -339,7 +344,8 @@ def test_a_manifest_naming_an_identity_knative_would_not_give_fails_loudly(tmp_p
     _add_to_base(copy, "policies.yaml", [
         _event_policy("audit-dlq-senders", DLQ, [
             {"ref": kafkasource},
-            {"sub": IDENTITIES[("Trigger", "audit-to-ingest")]},
+            # The KafkaSource again, by its subject (the Trigger has a dead-letter sink of its own).
+            {"sub": IDENTITIES[("KafkaSource", "audit-events-to-writer")]},
             {"sub": WRONG_NAMESPACE},
         ]),
         # Who may send to the Broker is for the deployer to say: not derived, not asserted.
