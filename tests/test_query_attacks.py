@@ -339,10 +339,10 @@ def test_a_signed_cursor_with_a_payload_never_issued_is_a_400(pipeline, base):
         json.dumps(["2026-01-01T00:00:00Z", "x", "/s", 7]).encode(),
         json.dumps(["not a time", "x", "/s", fp]).encode(),
         json.dumps(["2026-01-01T00:00:00Z", "id\u0000", "/s", fp]).encode(),
-            json.dumps(["2026-01-01T00:00:00Z", "x", "/s\u0000", fp]).encode(),
+        json.dumps(["2026-01-01T00:00:00Z", "x", "/s\u0000", fp]).encode(),
         json.dumps(["2026-01-01T00:00:00Z", "x", "/s", "%%%"]).encode(),
         json.dumps(["2026-01-01T00:00:00Z\n", "x", "/s", fp]).encode(),
-            json.dumps(["2026-01-01T00:00:00Z", "x", fp]).encode(),
+        json.dumps(["2026-01-01T00:00:00Z", "x", fp]).encode(),
     ]  # fmt: skip
     for payload in payloads:
         params = {**_window(), "cursor": _signed(key, payload)}
