@@ -143,7 +143,10 @@ class Recorder:
         tmp.replace(self.plan_file)
 
     def entries(self) -> list[dict]:
-        return [json.loads(line) for line in self.file.read_text().splitlines() if line.strip()]
+        """Complete lines only: the subscriber may be halfway through writing the last one."""
+        text = self.file.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def for_id(self, event_id: str) -> list[dict]:
         return [e for e in self.entries() if e["id"] == event_id]
